@@ -1,0 +1,150 @@
+"""Loading teachers from a local diffusers pipeline directory or a Hugging Face Hub id.
+
+A teacher is a diffusers pipeline directory: ``model_index.json``, the denoising network under
+``unet/`` or ``transformer/``, its ``scheduler/`` and, for latent models, a ``vae/``. diffdistill adds
+an optional ``diffdistill.json`` with what diffusers does not record (number of classes, the null
+class used for classifier-free guidance, a default guidance scale, image size). Weights are only read
+from safetensors files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import DiffusersDenoiser, build_adapter
+from .errors import ModelLoadError
+from .schedules import FlowSchedule, NoiseSchedule, VPSchedule
+
+META_FILE = "diffdistill.json"
+DENOISER_COMPONENTS = ("unet", "transformer")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def shipped_teacher_path() -> Path:
+    """The digits teacher that ships inside the package."""
+    return Path(str(resources.files("diffdistill") / "assets" / "digits_teacher"))
+
+
+@dataclass
+class Pretrained:
+    """A loaded teacher: its denoiser, an optional VAE (latent models) and its metadata."""
+
+    denoiser: DiffusersDenoiser
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    vae: nn.Module | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes", 0))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [-1, 1] (identity for pixel-space teachers)."""
+        if self.vae is None:
+            return latents
+        scale = getattr(self.vae.config, "scaling_factor", 1.0)
+        return self.vae.decode(latents.to(self.vae.dtype) / scale).sample.to(latents.dtype)
+
+
+def resolve_pretrained(source: str | Path) -> Path:
+    """A local directory for ``source``: an existing path, or a Hub id downloaded (or found in the cache).
+
+    A Hub id that cannot be reached raises one :class:`ModelLoadError` naming the id and how to supply it.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"teacher path {path} is a file; pass a diffusers pipeline directory")
+        return path
+    if not HUB_ID.match(str(source)):
+        raise ModelLoadError(f"teacher path {path} does not exist; pass a diffusers pipeline directory or a "
+                             "Hub id such as 'google/ddpm-cifar10-32'")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", META_FILE, "scheduler/*", "vae/*.json", "vae/*.safetensors"]
+    patterns += [f"{c}/*.json" for c in DENOISER_COMPONENTS] + [f"{c}/*.safetensors" for c in DENOISER_COMPONENTS]
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=patterns))
+    except Exception as exc:  # network, auth, missing repo: one clear line either way
+        raise ModelLoadError(
+            f"could not get '{source}' from the Hugging Face Hub ({type(exc).__name__}); on a machine with "
+            f"access run `huggingface-cli download {source} --local-dir DIR` and pass DIR instead, or point "
+            "HF_HOME at a cache that holds it") from exc
+
+
+def schedule_from_scheduler_dir(path: Path) -> tuple[NoiseSchedule, str, float]:
+    """``(schedule, prediction_type, timestep_scale)`` from a diffusers ``scheduler_config.json``."""
+    cfg_file = path / "scheduler_config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"missing {cfg_file}; a teacher directory needs its scheduler config")
+    cfg = json.loads(cfg_file.read_text())
+    if str(cfg.get("_class_name", "")).startswith("FlowMatch"):
+        return FlowSchedule(shift=float(cfg.get("shift", 1.0))), "flow", float(cfg.get("num_train_timesteps", 1000))
+    return VPSchedule.from_scheduler_config(cfg), cfg.get("prediction_type", "epsilon"), 1.0
+
+
+def _model_class(index: dict[str, Any], component: str):
+    import diffusers
+
+    library, class_name = index[component]
+    cls = getattr(diffusers, class_name, None)
+    if library != "diffusers" or cls is None:
+        raise ModelLoadError(f"component '{component}' is {library}.{class_name}; only diffusers models load")
+    return cls
+
+
+def load_pretrained(source: str | Path | None = None, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None, guidance_scale: float | None = None) -> Pretrained:
+    """Load a teacher (``None``: the shipped digits teacher) as a frozen :class:`Pretrained`."""
+    path = resolve_pretrained(shipped_teacher_path() if source is None else source)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"{path} has no model_index.json; pass a diffusers pipeline directory")
+    index = json.loads(index_file.read_text())
+    component = next((c for c in DENOISER_COMPONENTS if c in index), None)
+    if component is None:
+        raise ModelLoadError(f"{index_file} names no 'unet' or 'transformer' component")
+    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
+    schedule, prediction_type, timestep_scale = schedule_from_scheduler_dir(path / "scheduler")
+    try:
+        network = _model_class(index, component).from_pretrained(path, subfolder=component, use_safetensors=True)
+        vae = None
+        if "vae" in index:
+            vae = _model_class(index, "vae").from_pretrained(path, subfolder="vae", use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(f"could not load the weights in {path} ({str(exc).splitlines()[0]}); "
+                             "they must be diffusers safetensors files") from exc
+    kwargs: dict[str, Any] = {"timestep_scale": timestep_scale}
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    denoiser = build_adapter(network, schedule, prediction_type, meta, **kwargs)
+    for module in (denoiser, vae):
+        if module is not None:
+            module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return Pretrained(denoiser=denoiser, path=path, meta=meta, vae=vae)
+
+
+def save_pipeline_dir(path: str | Path, network: nn.Module, scheduler_config: dict[str, Any],
+                      meta: dict[str, Any], pipeline_class: str = "DDPMPipeline") -> Path:
+    """Write a pixel-space diffusers pipeline directory (network as ``unet``) plus ``diffdistill.json``."""
+    from diffusers import DDPMScheduler
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    network.save_pretrained(path / "unet", safe_serialization=True)
+    DDPMScheduler.from_config(scheduler_config).save_pretrained(path / "scheduler")
+    import diffusers
+
+    index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__,
+             "unet": ["diffusers", type(network).__name__], "scheduler": ["diffusers", "DDPMScheduler"]}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return path

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny diffusers networks and schedules, built locally (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to a busy second core
+
+SCHEDULER_CONFIGS = {
+    "linear": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
+    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2"},
+}
+
+
+def tiny_unet(num_class_embeds: int | None = None, channels: int = 1, size: int = 8, seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels,
+                       block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
+                       num_class_embeds=num_class_embeds).eval()
+
+
+def tiny_cond_unet(cross_dim: int = 12, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16),
+                                layers_per_block=1, norm_num_groups=4, cross_attention_dim=cross_dim,
+                                attention_head_dim=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+
+
+def tiny_dit(seed: int = 0):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=2, out_channels=4,
+                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=5,
+                                 norm_num_groups=2).eval()
+
+
+@pytest.fixture
+def randomize_weights():
+    """Perturb every parameter so zero-initialised output layers do not hide mistakes."""
+    def apply(module, scale: float = 0.05, seed: int = 1):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+        return module
+    return apply
