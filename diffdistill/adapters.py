@@ -105,7 +105,9 @@ class UNet2DConditionDenoiser(DiffusersDenoiser):
             raise DiffDistillError("this teacher is text-conditioned: pass prompts (encoder_hidden_states)")
         x, tt = self._inputs(x_t, t)
         return self.network(x, tt, encoder_hidden_states=cond.encoder_hidden_states.to(self.net_dtype),
-                            class_labels=cond.class_labels, timestep_cond=cond.timestep_cond).sample
+                            class_labels=cond.class_labels,
+                            timestep_cond=None if cond.timestep_cond is None else cond.timestep_cond.to(self.net_dtype)
+                            ).sample
 
     def null_condition(self, cond: Conditioning) -> Conditioning:
         if cond.uncond_encoder_hidden_states is None:

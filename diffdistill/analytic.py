@@ -76,11 +76,12 @@ class GaussianMixture:
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """In each component's eigenbasis ``S_k = Q_k Λ_k Q_kᵀ``, ``C_k`` is diagonal:
         returns ``z = Q_kᵀ(x_t − a·μ_k)`` ``(B, K, D)``, ``c = a²·λ_k + s²`` and ``log r_k`` ``(B, K)``."""
+        dev = x_t.device
         a, s = a[:, None, None], s[:, None, None]
-        z = torch.einsum("kji,bkj->bki", self._evecs, x_t[:, None, :] - a * self.means[None])
-        c = a**2 * self._evals[None] + s**2
+        z = torch.einsum("kji,bkj->bki", self._evecs.to(dev), x_t[:, None, :] - a * self.means.to(dev)[None])
+        c = a**2 * self._evals.to(dev)[None] + s**2
         log_n = -0.5 * (z**2 / c + torch.log(c)).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
-        log_r = torch.log(self.weights)[None] + log_n
+        log_r = torch.log(self.weights.to(dev))[None] + log_n
         return z, c, log_r - torch.logsumexp(log_r, dim=1, keepdim=True)
 
     def posterior_mean(self, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor,
@@ -96,8 +97,9 @@ class GaussianMixture:
             fixed = torch.where(one_hot, 0.0, -math.inf).double()
             log_r = torch.where((comp >= 0)[:, None], fixed, log_r)
         # μ_k + a·S_k·C_k⁻¹·(x_t − a·μ_k), evaluated in the eigenbasis
-        shift = torch.einsum("kij,bkj->bki", self._evecs, self._evals[None] * z / c)
-        comp_mean = self.means[None] + a[:, None, None] * shift
+        evals, evecs, means = self._evals.to(x.device), self._evecs.to(x.device), self.means.to(x.device)
+        shift = torch.einsum("kij,bkj->bki", evecs, evals[None] * z / c)
+        comp_mean = means[None] + a[:, None, None] * shift
         return (log_r.exp()[..., None] * comp_mean).sum(1)
 
 

@@ -10,8 +10,9 @@ Images are always float32 tensors of shape ``(C, R, R)`` in ``[-1, 1]``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DataError
+from .config import option
+from .errors import ConfigError, DataError
 
 DIGITS_TEST_SIZE = 360
 """Number of digits (out of 1797) in the fixed ``"test"`` split."""
@@ -178,3 +180,36 @@ def infinite_batches(loader: DataLoader) -> Iterator[Any]:
         if count == 0:
             raise DataError(f"data loader yields no batches: {len(loader.dataset)} items with batch size "
                             f"{loader.batch_size} and drop_last; use a smaller batch size or more data")
+
+
+@dataclass
+class DataConfig:
+    """Training images: the scikit-learn digits (offline) or a folder of images."""
+
+    dataset: Literal["digits", "folder"] = "digits"
+    path: str | None = option(None, help="image folder (dataset=folder)")
+    resolution: int = option(16, min=8, max=1024)
+    channels: int = option(1, min=1, max=4)
+
+    def validate(self) -> None:
+        if self.dataset == "folder" and not self.path:
+            raise ValueError("dataset=folder needs path")
+
+
+def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
+    """The dataset a :class:`DataConfig` names (digits: the ``split``; folders have no split)."""
+    if cfg.dataset == "digits":
+        if cfg.channels != 1:
+            raise ConfigError("the digits data set has one channel: set data.channels=1")
+        return DigitsDataset(split, cfg.resolution)
+    return ImageFolderDataset(cfg.path, cfg.resolution, channels=cfg.channels)
+
+
+def random_batch(dataset: Dataset, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` items drawn uniformly with replacement; the whole draw is fixed by ``generator``'s
+    state, so a training run that saves that state resumes on exactly the same batches."""
+    index = torch.randint(len(dataset), (batch_size,), generator=generator)
+    if isinstance(dataset, DigitsDataset):
+        return dataset.images[index], dataset.labels[index]
+    items = [dataset[int(i)] for i in index]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)

@@ -34,8 +34,10 @@ GuidanceConvention = Literal["standard", "delta"]
 def standard_guidance_scale(scale: float, convention: GuidanceConvention = "standard") -> float:
     """Convert a guidance scale to the standard convention ``x0_u + w·(x0_c − x0_u)``.
 
-    ``"standard"``: the scale is already ``w`` (diffusers' ``guidance_scale``, LCM's ``w``).
-    ``"delta"``: the scale ``g`` multiplies the extra push in ``x0_c + g·(x0_c − x0_u)``, so ``w = g + 1``.
+    ``"standard"``: the scale is already ``w`` (diffusers' pipelines' ``guidance_scale``, the official DMD2
+    code's ``real_guidance_scale``, FastGen's ``guidance_scale``).
+    ``"delta"``: the scale ``g`` multiplies the extra push in ``x0_c + g·(x0_c − x0_u)``, so ``w = g + 1``
+    (the LCM paper's ω and the diffusers LCM training script's ``w``).
     """
     if convention == "standard":
         return float(scale)

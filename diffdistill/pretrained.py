@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import DiffusersDenoiser, build_adapter
+from .adapters import ADAPTERS, DiffusersDenoiser, build_adapter
 from .errors import ModelLoadError
 from .schedules import FlowSchedule, NoiseSchedule, VPSchedule
 
 META_FILE = "diffdistill.json"
 DENOISER_COMPONENTS = ("unet", "transformer")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # owner/name[@revision]
 
 
 def shipped_teacher_path() -> Path:
@@ -44,7 +44,17 @@ class Pretrained:
 
     @property
     def num_classes(self) -> int:
-        return int(self.meta.get("num_classes", 0))
+        """Classes the teacher is conditioned on: ``diffdistill.json``, else DiT's label count, else 0."""
+        if "num_classes" in self.meta:
+            return int(self.meta["num_classes"] or 0)
+        return int(getattr(self.denoiser.network.config, "num_embeds_ada_norm", None) or 0)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of what the denoiser generates (latents for latent models)."""
+        cfg = self.denoiser.network.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
+        return (cfg.in_channels, *size)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [-1, 1] (identity for pixel-space teachers)."""
@@ -66,13 +76,17 @@ def resolve_pretrained(source: str | Path) -> Path:
         return path
     if not HUB_ID.match(str(source)):
         raise ModelLoadError(f"teacher path {path} does not exist; pass a diffusers pipeline directory or a "
-                             "Hub id such as 'google/ddpm-cifar10-32'")
+                             "Hub id such as 'google/ddpm-cifar10-32' (optionally 'owner/name@revision')")
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", META_FILE, "scheduler/*", "vae/*.json", "vae/*.safetensors"]
-    patterns += [f"{c}/*.json" for c in DENOISER_COMPONENTS] + [f"{c}/*.safetensors" for c in DENOISER_COMPONENTS]
+    repo_id, _, revision = str(source).partition("@")
+    # configs plus the default (non-variant) safetensors weights, sharded or not
+    patterns = ["model_index.json", META_FILE, "scheduler/*"]
+    for c in (*DENOISER_COMPONENTS, "vae"):
+        patterns += [f"{c}/config.json", f"{c}/diffusion_pytorch_model.safetensors",
+                     f"{c}/diffusion_pytorch_model.safetensors.index.json", f"{c}/diffusion_pytorch_model-*.safetensors"]
     try:
-        return Path(snapshot_download(str(source), allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns))
     except Exception as exc:  # network, auth, missing repo: one clear line either way
         raise ModelLoadError(
             f"could not get '{source}' from the Hugging Face Hub ({type(exc).__name__}); on a machine with "
@@ -102,8 +116,9 @@ def _model_class(index: dict[str, Any], component: str):
 
 
 def load_pretrained(source: str | Path | None = None, *, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, guidance_scale: float | None = None) -> Pretrained:
-    """Load a teacher (``None``: the shipped digits teacher) as a frozen :class:`Pretrained`."""
+                    dtype: torch.dtype = torch.float32, guidance_scale: float | None = None) -> Pretrained:
+    """Load a teacher (``None``: the shipped digits teacher) as a frozen :class:`Pretrained` whose
+    weights are cast to ``dtype`` (float32 by default, whatever precision they were stored in)."""
     path = resolve_pretrained(shipped_teacher_path() if source is None else source)
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -114,11 +129,20 @@ def load_pretrained(source: str | Path | None = None, *, device: str | torch.dev
         raise ModelLoadError(f"{index_file} names no 'unet' or 'transformer' component")
     meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
     schedule, prediction_type, timestep_scale = schedule_from_scheduler_dir(path / "scheduler")
+    network_class = _model_class(index, component)
+    if network_class.__name__ not in ADAPTERS:
+        raise ModelLoadError(f"{path}: no denoiser adapter for {network_class.__name__} yet; "
+                             f"supported: {', '.join(sorted(ADAPTERS))}")
+    net_config = network_class.load_config(path, subfolder=component)
+    if net_config.get("addition_embed_type"):
+        raise ModelLoadError(f"{path}: UNets with added conditioning ({net_config['addition_embed_type']}, e.g. "
+                             "SDXL) are not supported yet")
     try:
-        network = _model_class(index, component).from_pretrained(path, subfolder=component, use_safetensors=True)
+        network = network_class.from_pretrained(path, subfolder=component, use_safetensors=True, torch_dtype=dtype)
         vae = None
         if "vae" in index:
-            vae = _model_class(index, "vae").from_pretrained(path, subfolder="vae", use_safetensors=True)
+            vae = _model_class(index, "vae").from_pretrained(path, subfolder="vae", use_safetensors=True,
+                                                             torch_dtype=dtype)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelLoadError(f"could not load the weights in {path} ({str(exc).splitlines()[0]}); "
                              "they must be diffusers safetensors files") from exc
@@ -128,7 +152,7 @@ def load_pretrained(source: str | Path | None = None, *, device: str | torch.dev
     denoiser = build_adapter(network, schedule, prediction_type, meta, **kwargs)
     for module in (denoiser, vae):
         if module is not None:
-            module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            module.to(device=device).eval().requires_grad_(False)
     return Pretrained(denoiser=denoiser, path=path, meta=meta, vae=vae)
 
 

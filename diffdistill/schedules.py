@@ -228,7 +228,7 @@ class VPSchedule(NoiseSchedule):
         from diffusers import DDPMScheduler
 
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                "rescale_betas_zero_snr")
+                "rescale_betas_zero_snr", "steps_offset")
         scheduler = DDPMScheduler(**{k: config[k] for k in keys if config.get(k) is not None})
         resolved = {k: scheduler.config[k] for k in keys if scheduler.config.get(k) is not None}
         return cls(scheduler.alphas_cumprod.double(), scheduler_config=resolved)
@@ -243,22 +243,36 @@ class VPSchedule(NoiseSchedule):
         return torch.where(clean, 1.0, a), torch.where(clean, 0.0, s)
 
     def _interp_log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Linear in log σ between integer timesteps; an interval ending at ᾱ = 0 (zero terminal SNR,
+        σ = ∞) is linear in ᾱ instead, so that only ``t = T − 1`` itself has ``a = 0``."""
         lo = t.floor().long().clamp(0, self.num_train_timesteps - 1)
         hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
         w = t - lo.double()
         a, b = self._log_sigmas[lo], self._log_sigmas[hi]
-        return torch.where(w == 0, a, a + w * (b - a))
+        abar = self.alphas_cumprod[lo] + w * (self.alphas_cumprod[hi] - self.alphas_cumprod[lo])
+        by_abar = 0.5 * torch.log((1 - abar) / abar)
+        return torch.where(w == 0, a, torch.where(torch.isinf(b), by_abar, a + w * (b - a)))
 
-    def t_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        log_sigma = torch.log(_as_f64(sigma))
-        table = self._log_sigmas
-        idx = torch.searchsorted(table, log_sigma.clamp(table[0], table[-1])).clamp(1, len(table) - 1)
-        lo, hi = table[idx - 1], table[idx]
-        w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
-        return torch.where(sigma <= 0, self.t_clean, (idx - 1).double() + w)
+    def t_from_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = _as_f64(sigma)
+        table = self._log_sigmas.to(sigma.device)
+        finite = table[torch.isfinite(table)]
+        log_sigma = torch.log(sigma).clamp(finite[0], finite[-1])
+        idx = torch.searchsorted(finite, log_sigma).clamp(1, len(finite) - 1)
+        lo, hi = finite[idx - 1], finite[idx]
+        t = (idx - 1).double() + ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+        return torch.where(sigma <= 0, self.t_clean, torch.where(torch.isinf(sigma), self.t_max, t))
+
+    def _karras_timesteps(self, n: int, rho: float) -> np.ndarray:
+        """Karras σ levels from σ(T−1) to σ(0) as fractional timesteps; with zero terminal SNR (σ(T−1) = ∞)
+        the grid starts at ``T − 1`` and puts the other ``n − 1`` levels between σ(T−2) and σ(0)."""
+        top = self.t_max if torch.isfinite(self.sigma(self.t_max)) else self.t_max - 1
+        levels = n if top == self.t_max else n - 1
+        ts = self.t_from_sigma(karras_sigmas(levels, float(self.sigma(0.0)), float(self.sigma(top)), rho)).numpy()
+        return ts if top == self.t_max else np.concatenate([[self.t_max], ts[:levels]])
 
     def grid(self, num_steps: int, spacing: str | None = None, *, rho: float = 7.0,
-             steps_offset: int = 0) -> torch.Tensor:
+             steps_offset: int | None = None) -> torch.Tensor:
         """Timesteps as diffusers spaces them, then ``t_clean``.
 
         ``"uniform"``/``"linspace"``: ``round(linspace(T−1, 0, n))``; ``"leading"``: ``(T//n)·k + offset``
@@ -272,12 +286,12 @@ class VPSchedule(NoiseSchedule):
         if spacing in ("uniform", "linspace"):
             ts = np.linspace(0, T - 1, n).round()[::-1]
         elif spacing == "leading":
-            ts = (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
+            offset = self.scheduler_config.get("steps_offset", 0) if steps_offset is None else steps_offset
+            ts = (np.arange(0, n) * (T // n)).round()[::-1] + offset
         elif spacing == "trailing":
             ts = np.round(np.arange(T, 0, -T / n)) - 1
         elif spacing == "karras":
-            sig = karras_sigmas(n, float(self.sigma(0.0)), float(self.sigma(self.t_max)), rho)
-            ts = self.t_from_sigma(sig).numpy()
+            ts = self._karras_timesteps(n, rho)
         else:
             raise ValueError(f"unknown VP grid spacing {spacing!r}; use uniform, leading, trailing or karras")
         return torch.cat([torch.as_tensor(ts.copy(), dtype=torch.float64), torch.tensor([self.t_clean], dtype=torch.float64)])

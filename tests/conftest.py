@@ -58,3 +58,21 @@ def randomize_weights():
                 p.add_(scale * torch.randn(p.shape, generator=gen))
         return module
     return apply
+
+
+TINY_TEACHER_OVERRIDES = ["train.steps=3", "train.batch_size=16", "train.warmup_steps=1", "data.resolution=8",
+                          "model.block_out_channels=8,16", "model.attention_levels=1", "model.norm_num_groups=4",
+                          "model.attention_head_dim=4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """A 3-step class-conditional digits teacher at 8x8 (a few seconds to make), shared by the session."""
+    from pathlib import Path
+
+    from diffdistill.config import load_config
+    from diffdistill.teacher import TeacherConfig, train_teacher
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load_config(TeacherConfig, repo / "configs/teacher/digits.yaml", TINY_TEACHER_OVERRIDES)
+    return train_teacher(cfg, tmp_path_factory.mktemp("tiny_teacher") / "teacher", progress=False)

@@ -17,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..denoiser import Conditioning, Denoiser
+from ..errors import ConfigError
+from ..schedules import broadcast_to
 
 
 class Sampler(Protocol):
@@ -39,7 +41,7 @@ def register_sampler(*names: str) -> Callable[[Sampler], Sampler]:
 
 def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(SAMPLERS))}")
     return SAMPLERS[name]
 
 
@@ -50,11 +52,16 @@ def steps(ts: torch.Tensor, progress: bool, desc: str) -> Iterator[tuple[int, to
         yield i, ts[i], ts[i + 1]
 
 
+def per_sample(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A float64 coefficient (scalar or per-sample ``(B,)``) shaped to broadcast against ``x``."""
+    return broadcast_to(coef, x).double()
+
+
 def ddim_step(denoiser: Denoiser, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor
               ) -> torch.Tensor:
     """Deterministic DDIM hop t → r given ``x0 = D(x, t)`` (Song et al. 2021, eq. 12 with η = 0):
     ``eps = (x − a_t·x0)/s_t``, ``x_r = a_r·x0 + s_r·eps`` (float64 coefficients)."""
-    (a_t, s_t), (a_r, s_r) = denoiser.schedule.alpha_sigma(t), denoiser.schedule.alpha_sigma(r)
+    a_t, s_t, a_r, s_r = (per_sample(c, x) for c in (*denoiser.schedule.alpha_sigma(t), *denoiser.schedule.alpha_sigma(r)))
     eps = (x.double() - a_t * x0.double()) / s_t
     return (a_r * x0.double() + s_r * eps).to(x.dtype)
 

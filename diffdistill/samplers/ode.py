@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..denoiser import Conditioning, Denoiser
-from .base import ddim_step, register_sampler, steps
+from .base import ddim_step, per_sample, register_sampler, steps
 
 
 @register_sampler("ddim", "ode")
@@ -37,9 +37,10 @@ def ode_frame(denoiser: Denoiser, ts: torch.Tensor) -> str:
     return "flow" if denoiser.schedule.family == "flow" or a_start == 0 else "edm"
 
 
-def _scale_and_time(denoiser: Denoiser, t: torch.Tensor, frame: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(m, τ)`` with ``y = x/m`` and ``τ = s/m`` for native time ``t``."""
-    a, s = denoiser.schedule.alpha_sigma(t)
+def _scale_and_time(denoiser: Denoiser, t: torch.Tensor, frame: str, x: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, τ)`` with ``y = x/m`` and ``τ = s/m`` for native time ``t`` (scalar or per sample)."""
+    a, s = (per_sample(c, x) for c in denoiser.schedule.alpha_sigma(t))
     m = a if frame == "edm" else a + s
     return m, s / m
 
@@ -47,11 +48,26 @@ def _scale_and_time(denoiser: Denoiser, t: torch.Tensor, frame: str) -> tuple[to
 def _derivative(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond, guidance_scale, frame: str
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, dy/dτ)``: the PF-ODE ``dy/dτ = eps`` (EDM frame, i.e. ``(y − D)/σ``) or ``eps − x0`` (flow)."""
-    a, s = denoiser.schedule.alpha_sigma(t)
+    a, s = (per_sample(c, x) for c in denoiser.schedule.alpha_sigma(t))
     x0 = denoiser(x, t, cond, guidance_scale=guidance_scale).double()
     eps = (x.double() - a * x0) / s
     m = a if frame == "edm" else a + s
     return x.double() / m, (eps if frame == "edm" else eps - x0)
+
+
+def ode_step(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: Conditioning | None = None,
+             *, guidance_scale: float | None = None, frame: str = "edm", heun: bool = True) -> torch.Tensor:
+    """One Euler (``heun=False``) or Heun step t → r of the probability-flow ODE in ``frame`` variables
+    (Karras et al. 2022, Alg. 1, lines 5–8); ``t`` and ``r`` may be scalars or per-sample ``(B,)``.
+    Heun's correction is skipped where ``r`` is clean data (τ_r = 0)."""
+    y, d = _derivative(denoiser, x, t, cond, guidance_scale, frame)
+    (_, tau_t), (m_r, tau_r) = _scale_and_time(denoiser, t, frame, x), _scale_and_time(denoiser, r, frame, x)
+    y_next = y + (tau_r - tau_t) * d
+    if heun and bool((tau_r > 0).any()):
+        # samples whose r is clean data get a non-finite d_next, which torch.where discards
+        _, d_next = _derivative(denoiser, (m_r * y_next).to(x.dtype), r, cond, guidance_scale, frame)
+        y_next = torch.where(tau_r > 0, y + (tau_r - tau_t) * (d + d_next) / 2, y_next)
+    return (m_r * y_next).to(x.dtype)
 
 
 @register_sampler("euler")
@@ -62,9 +78,7 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor, cond: Co
     Alg. 1 first order): ``y_r = y + (τ_r − τ_t)·dy/dτ``."""
     frame = ode_frame(denoiser, ts)
     for _, t, r in steps(ts, progress, "euler"):
-        y, d = _derivative(denoiser, x, t, cond, guidance_scale, frame)
-        (_, tau_t), (m_r, tau_r) = _scale_and_time(denoiser, t, frame), _scale_and_time(denoiser, r, frame)
-        x = (m_r * (y + (tau_r - tau_t) * d)).to(x.dtype)
+        x = ode_step(denoiser, x, t, r, cond, guidance_scale=guidance_scale, frame=frame, heun=False)
     return x
 
 
@@ -76,13 +90,7 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor, cond: Con
     trapezoid correction with the derivative at its end — skipped on a final step to clean data."""
     frame = ode_frame(denoiser, ts)
     for _, t, r in steps(ts, progress, "heun"):
-        y, d = _derivative(denoiser, x, t, cond, guidance_scale, frame)
-        (_, tau_t), (m_r, tau_r) = _scale_and_time(denoiser, t, frame), _scale_and_time(denoiser, r, frame)
-        y_next = y + (tau_r - tau_t) * d
-        if tau_r > 0:
-            _, d_next = _derivative(denoiser, (m_r * y_next).to(x.dtype), r, cond, guidance_scale, frame)
-            y_next = y + (tau_r - tau_t) * (d + d_next) / 2
-        x = (m_r * y_next).to(x.dtype)
+        x = ode_step(denoiser, x, t, r, cond, guidance_scale=guidance_scale, frame=frame, heun=True)
     return x
 
 

@@ -1,0 +1,186 @@
+"""``diffdistill <command>``: the command line.
+
+Every user-facing failure is a :class:`~diffdistill.errors.DiffDistillError`: the CLI prints its one
+line and exits with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import ConfigError, DiffDistillError
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _csv_floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _ensure_empty_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise DiffDistillError(f"output {path} is a file; pass a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise DiffDistillError(f"output directory {path} is not empty; choose a new one or pass --overwrite")
+
+
+def cmd_teacher(args: argparse.Namespace) -> None:
+    """Train a class-conditional UNet2DModel teacher and save it as a diffusers pipeline directory."""
+    from .config import config_to_yaml, load_config
+    from .teacher import TeacherConfig, train_teacher
+
+    cfg = load_config(TeacherConfig, args.config, args.overrides)
+    if args.dry_run:
+        print(config_to_yaml(cfg), end="")
+        return
+    if not args.output:
+        raise DiffDistillError("teacher needs --output DIR (or --dry-run)")
+    output = Path(args.output)
+    _ensure_empty_dir(output, args.overwrite)
+    train_teacher(cfg, output, max_steps=args.max_steps, progress=not args.quiet)
+    print(f"teacher written to {output}")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    """Distil a teacher into a few-step student with the method the config names."""
+    from .config import config_to_yaml
+    from .trainers.loop import distill
+    from .trainers.method import load_distill_config
+
+    cfg = load_distill_config(args.config, args.overrides)
+    if args.dry_run:
+        print(config_to_yaml(cfg), end="")
+        return
+    if not args.output:
+        raise DiffDistillError("distill needs --output DIR (or --dry-run)")
+    output = Path(args.output)
+    if not args.resume:
+        _ensure_empty_dir(output, args.overwrite)
+    distill(cfg, output, max_steps=args.max_steps, resume=args.resume, progress=not args.quiet)
+    print(f"run written to {output}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    """Sample a teacher into a labelled PNG grid (and optionally a safetensors file of the images)."""
+    import torch
+
+    from .denoiser import Conditioning, standard_guidance_scale
+    from .grid import save_grid
+    from .pretrained import load_pretrained
+    from .samplers import generate
+
+    device = _device(args.device)
+    teacher = load_pretrained(args.teacher, device=device)
+    shape = teacher.sample_shape
+    cond, row_labels, ncols = None, None, None
+    if teacher.num_classes:
+        classes = args.classes or list(range(teacher.num_classes))
+        if any(not 0 <= c < teacher.num_classes for c in classes):
+            raise DiffDistillError(f"--classes must lie in 0..{teacher.num_classes - 1}")
+        per_class = max(1, args.num // len(classes))
+        labels = torch.tensor(classes).repeat_interleave(per_class)
+        cond, row_labels, ncols = Conditioning(class_labels=labels), [str(c) for c in classes], per_class
+    num = len(cond.class_labels) if cond is not None else args.num
+    w = None if args.guidance_scale is None else standard_guidance_scale(args.guidance_scale, args.guidance_convention)
+    try:
+        images = generate(teacher.denoiser, shape, num, sampler=args.sampler,
+                          num_steps=None if args.timesteps else args.steps, timesteps=args.timesteps,
+                          spacing=args.spacing, cond=cond, guidance_scale=w, seed=args.seed,
+                          batch_size=args.batch_size, device=device, progress=not args.quiet)
+    except ValueError as exc:  # a grid the schedule cannot make, e.g. --spacing karras on a flow teacher
+        raise ConfigError(f"{exc} (sample options)") from exc
+    images = teacher.decode(images.to(device)).cpu()
+    path = save_grid(images, args.output, ncols=ncols, row_labels=row_labels)
+    if args.save_tensors:
+        from safetensors.torch import save_file
+
+        tensors = {"images": images.contiguous()}
+        if cond is not None:
+            tensors["labels"] = cond.class_labels
+        save_file(tensors, args.save_tensors)
+    print(f"{num} samples ({args.sampler}, {len(args.timesteps) if args.timesteps else args.steps} steps) -> {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffdistill", description="Distil diffusion models into few-step generators.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{teacher,distill,sample}")
+
+    p = sub.add_parser("teacher", help=cmd_teacher.__doc__)
+    p.add_argument("--config", help="YAML config (default: built-in digits teacher defaults)")
+    p.add_argument("--output", help="directory for the diffusers pipeline")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+    p.set_defaults(func=cmd_teacher)
+
+    p = sub.add_parser("distill", help=cmd_distill.__doc__)
+    p.add_argument("--config", help="YAML config naming a method, e.g. configs/digits/progressive.yaml")
+    p.add_argument("--output", help="run directory (checkpoints, logs, sample grids, config.yaml)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (the run can be resumed)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("sample", help=cmd_sample.__doc__)
+    p.add_argument("--teacher", help="diffusers pipeline directory or Hub id (default: the shipped digits teacher)")
+    p.add_argument("--sampler", default="heun", help="ddim, euler, heun, dpmpp_2m, ode or sde (default: heun)")
+    p.add_argument("--steps", type=int, default=50, help="number of sampling steps (default: 50)")
+    p.add_argument("--spacing", help="timestep grid: trailing, leading, uniform or karras (default per sampler)")
+    p.add_argument("--timesteps", type=_csv_floats, help="explicit timestep list, e.g. 999,749,499,249")
+    p.add_argument("--num", type=int, default=64,
+                   help="number of samples (default: 64; with classes, rounded down to a multiple of their count)")
+    p.add_argument("--classes", type=_csv_ints, help="classes to sample, one grid row each (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the teacher's)")
+    p.add_argument("--guidance-convention", choices=["standard", "delta"], default="standard",
+                   help="standard: x_u + w(x_c - x_u); delta: x_c + w(x_c - x_u) (LCM's)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--output", default="samples.png", help="PNG grid to write (default: samples.png)")
+    p.add_argument("--save-tensors", help="also write the images (and labels) to this safetensors file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except DiffDistillError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"diffdistill {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The generic training loop behind ``diffdistill distill``; it never knows which method it runs.
+
+Per training step: draw a batch (indices from the run's one seeded generator), then for every
+:class:`~diffdistill.trainers.method.Phase` the method declares, ``repeat`` optimizer steps of that
+phase's role — each over ``grad_accum`` micro-batches, with gradient clipping, under accelerate's
+autocast — then EMA updates of the student, ``Method.after_step``, logging (tensorboard, ``log.jsonl``,
+tqdm), sample grids and atomic checkpoints (:mod:`.checkpoint`). ``resume=True`` continues from the
+newest verified checkpoint and reproduces an uninterrupted run bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import save_config, to_dict
+from ..data import build_dataset, random_batch
+from ..denoiser import Conditioning, standard_guidance_scale
+from ..errors import DiffDistillError
+from ..grid import save_grid
+from ..pretrained import load_pretrained
+from ..samplers import generate
+from .ema import ema_update
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .method import DistillConfig, Method, OptimConfig, get_method
+
+CONFIG_FILE = "config.yaml"
+
+
+def lr_factor(cfg: OptimConfig, total_steps: int):
+    """Linear warm-up over ``warmup_steps``, then constant or cosine decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return warm
+    return factor
+
+
+def build_method(cfg: DistillConfig, device: torch.device | str = "cpu") -> Method:
+    teacher = load_pretrained(cfg.teacher, device=device,
+                              guidance_scale=standard_guidance_scale(cfg.guidance_scale, cfg.guidance_convention))
+    return get_method(cfg.method)(cfg, teacher)
+
+
+def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
+    from ..config import load_config
+
+    saved = to_dict(load_config(type(cfg), run_dir / CONFIG_FILE))
+    new = to_dict(cfg)
+    saved["train"].pop("max_steps"), new["train"].pop("max_steps")
+    if saved != new:
+        diff = next(k for k in new if new[k] != saved.get(k))
+        raise DiffDistillError(f"cannot resume {run_dir}: its config differs in '{diff}' (only train.max_steps may "
+                               "change on resume); start a new run directory instead")
+
+
+class Trainer:
+    """Owns the optimizers, EMA copies, RNG and I/O of one run; see the module docstring."""
+
+    def __init__(self, cfg: DistillConfig, run_dir: str | Path, *, max_steps: int | None = None, progress: bool = True):
+        from accelerate import Accelerator
+
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.total_steps = cfg.train.max_steps if max_steps is None else min(max_steps, cfg.train.max_steps)
+        self.accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
+        self.method = build_method(cfg, self.accelerator.device)
+        self.roles = self.method.trainable_roles()
+        if "student" not in self.roles:
+            raise DiffDistillError(f"method {cfg.method} declares no 'student' role")
+        self.optimizers, self.schedulers = {}, {}
+        for role, module in self.roles.items():
+            oc = self.method.optim_config(role)
+            opt = torch.optim.AdamW(module.parameters(), lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+            self.optimizers[role] = opt
+            self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(oc, cfg.train.max_steps))
+        self.ema = {d: copy.deepcopy(self.roles["student"]).eval().requires_grad_(False) for d in cfg.train.ema_decays}
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.dataset = build_dataset(cfg.data)
+        self.step = 0
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def networks(self) -> dict[str, nn.Module]:
+        """Every network a checkpoint holds (file stem → module); the frozen teacher is not among them."""
+        nets = {**self.roles, **self.method.buffer_roles()}
+        nets.update({f"ema_{d:g}": m for d, m in self.ema.items()})
+        return nets
+
+    def save(self) -> Path:
+        state = {"step": self.step, "generator": self.generator.get_state(), "method": self.method.state_dict(),
+                 "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
+                 "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()}}
+        nets = {stem: m.state_dict() for stem, m in self.networks().items()}
+        return save_checkpoint(self.run_dir, self.step, nets, state, self.cfg.train.keep_checkpoints)
+
+    def load(self, path: Path) -> None:
+        nets, state = load_checkpoint(path)
+        self.method.load_state_dict(state["method"])  # may rebuild buffer roles (e.g. a new round)
+        for stem, module in self.networks().items():
+            if stem not in nets:
+                raise DiffDistillError(f"checkpoint {path} has no '{stem}' weights; was it made by another method?")
+            module.load_state_dict(nets[stem])
+        for role, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][role])
+            self.schedulers[role].load_state_dict(state["schedulers"][role])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+
+    # --- one step ------------------------------------------------------------------------------
+    def _batch(self) -> tuple[torch.Tensor, Conditioning]:
+        x0, labels = random_batch(self.dataset, self.cfg.train.batch_size, self.generator)
+        device = self.accelerator.device
+        cond = Conditioning(class_labels=labels.to(device)) if self.method.teacher.num_classes else Conditioning()
+        return x0.to(device), cond
+
+    def train_step(self) -> dict[str, float]:
+        x0, cond = self._batch()
+        accum, logged = self.cfg.train.grad_accum, {}
+        for phase in self.method.phases(self.step):
+            module, opt = self.roles[phase.role], self.optimizers[phase.role]
+            for _ in range(phase.repeat):
+                for xs, idx in zip(x0.chunk(accum), torch.arange(len(x0)).chunk(accum)):
+                    with self.accelerator.autocast():
+                        terms = self.method.loss(phase.name, (xs, cond[idx.to(xs.device)]), self.step, self.generator)
+                    self.accelerator.backward(terms["loss"] / accum)
+                    for k, v in terms.items():
+                        logged[f"{phase.name}/{k}"] = logged.get(f"{phase.name}/{k}", 0.0) + v.item() / accum / phase.repeat
+                if self.cfg.train.grad_clip > 0:
+                    self.accelerator.clip_grad_norm_(module.parameters(), self.cfg.train.grad_clip)
+                opt.step()
+                self.schedulers[phase.role].step()
+                opt.zero_grad(set_to_none=True)
+        for decay, ema in self.ema.items():
+            ema_update(ema, self.roles["student"], decay)
+        if self.method.after_step(self.step):
+            for ema in self.ema.values():
+                ema.load_state_dict(self.roles["student"].state_dict())
+        self.step += 1
+        return logged
+
+    # --- the run -------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            ckpt = latest_checkpoint(self.run_dir)
+            if ckpt is None:
+                raise DiffDistillError(f"--resume: {self.run_dir} has no complete checkpoint; start without --resume")
+            _check_resume_config(self.run_dir, self.cfg)
+            self.load(ckpt)
+        save_config(self.cfg, self.run_dir / CONFIG_FILE)
+        main = self.accelerator.is_main_process
+        writer = None
+        if main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.run_dir / "tb"))
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.method, disable=not (self.progress and main))
+        with open(self.run_dir / "log.jsonl", "a") as log:
+            while self.step < self.total_steps:
+                terms = self.train_step()
+                bar.update(1)
+                if main and (self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps):
+                    lrs = {f"lr/{r}": s.get_last_lr()[0] for r, s in self.schedulers.items()}
+                    for k, v in {**terms, **lrs}.items():
+                        writer.add_scalar(k, v, self.step)
+                    log.write(json.dumps({"step": self.step, **terms, **lrs}) + "\n")
+                    log.flush()
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in terms.items()})
+                if main and self.cfg.train.sample_every and self.step % self.cfg.train.sample_every == 0:
+                    self.sample_grids()
+                if main and (self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.total_steps):
+                    self.save()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        return self.run_dir
+
+    @torch.no_grad()
+    def sample_grids(self, num_per_class: int = 2) -> list[Path]:
+        """One PNG per step count in ``sample_steps`` from the first EMA copy; columns are classes."""
+        decay = self.cfg.train.ema_decays[0] if self.ema else None
+        student = self.method.student_denoiser(self.ema[decay] if decay is not None else self.roles["student"])
+        classes = self.method.teacher.num_classes
+        num = num_per_class * max(classes, 1) if classes else 16
+        cond = Conditioning(class_labels=torch.arange(num) % classes) if classes else None
+        paths = []
+        for n in self.cfg.sample_steps:
+            images = generate(student, self.method.teacher.sample_shape, num, sampler=self.method.student_sampler,
+                              timesteps=self.method.student_timesteps(n), cond=cond, seed=0,
+                              device=self.accelerator.device)
+            paths.append(save_grid(self.method.teacher.decode(images), self.run_dir / "samples" /
+                                   f"step_{self.step:07d}_{n}step.png", ncols=classes or None))
+        return paths
+
+
+def distill(cfg: DistillConfig, run_dir: str | Path, *, max_steps: int | None = None, resume: bool = False,
+            progress: bool = True) -> Path:
+    """Run (or resume) one distillation; returns the run directory."""
+    return Trainer(cfg, run_dir, max_steps=max_steps, progress=progress).run(resume=resume)

@@ -1,0 +1,175 @@
+"""What a distillation method declares, and the registry the CLI finds methods in.
+
+A :class:`Method` owns its *roles* — the frozen ``teacher`` and trainable networks such as the
+``student`` (and, for later methods, a ``fake_score`` critic or a ``discriminator``) — and tells the
+generic loop (:mod:`diffdistill.trainers.loop`) three things: which roles are optimised (one optimizer
+each), its *phases* (which role's optimizer steps, how many times, per training step), and the named
+loss terms of a phase. The loop never knows which method it runs; a new method is one registered file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..config import option
+from ..data import DataConfig
+from ..denoiser import Conditioning, Denoiser
+from ..errors import ConfigError
+from ..pretrained import Pretrained
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for one role, with linear warm-up then a constant or cosine learning rate."""
+
+    lr: float = option(1e-4, min=0.0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = option(0.0, min=0.0)
+    warmup_steps: int = option(0, min=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+
+
+@dataclass
+class TrainConfig:
+    """The generic loop's settings (identical for every method)."""
+
+    max_steps: int = option(1000, min=1)
+    batch_size: int = option(64, min=1)
+    grad_accum: int = option(1, min=1, help="micro-batches per optimizer step")
+    grad_clip: float = option(1.0, min=0.0, help="max gradient norm per role; 0 = off")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    ema_decays: list[float] = field(default_factory=lambda: [0.999])
+    log_every: int = option(10, min=1)
+    sample_every: int = option(500, min=0, help="sample grid PNG every N steps; 0 = off")
+    checkpoint_every: int = option(500, min=1)
+    keep_checkpoints: int = option(3, min=1)
+    cpu: bool = option(False, help="train on the CPU even when a GPU is present")
+
+
+@dataclass
+class DistillConfig:
+    """Sections every method shares; a method's config subclasses this and adds its own section."""
+
+    method: str = ""
+    teacher: str | None = option(None, help="diffusers pipeline dir or Hub id; None = the shipped digits teacher")
+    guidance_scale: float = option(1.0, min=0.0, help="teacher CFG scale (in guidance_convention)")
+    guidance_convention: Literal["standard", "delta"] = "standard"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    student_optim: OptimConfig = field(default_factory=OptimConfig)
+    sample_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+
+
+@dataclass
+class Phase:
+    """``repeat`` optimizer steps of role ``role`` on the loss terms ``Method.loss(name, …)`` returns."""
+
+    name: str
+    role: str
+    repeat: int = 1
+
+
+class Method:
+    """Base of every distillation method; see the module docstring.
+
+    Subclasses set :attr:`name` and :attr:`config_class`, build their roles in ``__init__`` and implement
+    :meth:`loss`. Randomness comes only from the ``generator`` argument, so runs resume bit-identically.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[DistillConfig]] = DistillConfig
+    #: the student's few-step sampler: "sde" (denoise, re-noise) or "ode" (DDIM hop)
+    student_sampler: ClassVar[str] = "sde"
+
+    def __init__(self, cfg: DistillConfig, teacher: Pretrained):
+        self.cfg = cfg
+        self.teacher = teacher
+
+    # --- roles --------------------------------------------------------------------------------
+    def trainable_roles(self) -> dict[str, nn.Module]:
+        """Roles with an optimizer, checkpointed; ``"student"`` also gets EMA copies."""
+        raise NotImplementedError
+
+    def buffer_roles(self) -> dict[str, nn.Module]:
+        """Untrained networks whose state must survive a resume (e.g. a round's teacher, a target net)."""
+        return {}
+
+    def optim_config(self, role: str) -> OptimConfig:
+        return self.cfg.student_optim
+
+    def phases(self, step: int) -> list[Phase]:
+        return [Phase("student", "student")]
+
+    # --- the work ------------------------------------------------------------------------------
+    def loss(self, phase: str, batch: tuple[torch.Tensor, Conditioning], step: int,
+             generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Named loss terms of one micro-batch; ``"loss"`` is the one back-propagated."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> bool:
+        """Called once after every training step (all phases and EMA updates done); returning True
+        restarts every EMA copy from the current student (e.g. when the student's task changes)."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python state beyond the networks (a round counter, a curriculum position)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    # --- sampling -------------------------------------------------------------------------------
+    def student_denoiser(self, network: nn.Module) -> Denoiser:
+        """The student (or one of its EMA copies) as a :class:`Denoiser`."""
+        raise NotImplementedError
+
+    def student_timesteps(self, num_steps: int) -> list[float]:
+        """The native times the ``num_steps``-step student sampler visits (then clean data)."""
+        return self.teacher.denoiser.schedule.grid(num_steps, "trailing")[:-1].tolist()
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``method: <cls.name>`` in configs."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    from . import consistency, progressive  # noqa: F401  (register the built-in methods)
+
+    if name not in METHODS:
+        import difflib
+
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown method '{name}'{hint} (available: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+def load_distill_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:
+    """Read a distillation config: its ``method`` key (or a ``method=…`` override) picks the config class."""
+    import yaml
+
+    from ..config import load_config
+
+    method = next((o.split("=", 1)[1] for o in overrides if o.startswith("method=")), None)
+    if method is None and path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f)
+            method = raw.get("method") if isinstance(raw, dict) else None
+        except (OSError, yaml.YAMLError):
+            method = ""  # load_config below reports the file problem in one line
+    if method is None:
+        raise ConfigError(f"{path or 'the overrides'} name no method; add 'method: progressive' (or another: "
+                          f"{', '.join(sorted(METHODS)) or 'see diffdistill/trainers'})")
+    cls = get_method(method).config_class if method else DistillConfig
+    return load_config(cls, path, overrides)

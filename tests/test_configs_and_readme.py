@@ -1,0 +1,30 @@
+"""Every shipped YAML config loads and round-trips; the README's commands are the ones CI runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffdistill.config import load_config, save_config
+from diffdistill.teacher import TeacherConfig
+from diffdistill.trainers.method import load_distill_config
+
+REPO = Path(__file__).resolve().parent.parent
+LOADERS = {"teacher": lambda p: load_config(TeacherConfig, p), "digits": load_distill_config}  # configs/<kind>/
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_loads_and_round_trips(path, tmp_path):
+    cfg = LOADERS[path.parent.name](path)
+    save_config(cfg, tmp_path / "again.yaml")
+    assert load_config(type(cfg), tmp_path / "again.yaml") == cfg
+
+
+def test_readme_opens_with_two_commands_and_ci_runs_the_second():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2
+    assert "diffdistill " in commands[0] and "pytest" in commands[1]
+    assert commands[1] in (REPO / ".ci" / "run").read_text()
