@@ -13,6 +13,7 @@ reference statistics and the same seeds. The full FID machinery arrives with ``d
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,17 @@ def labels_for(num: int, classes: int) -> Conditioning:
     return Conditioning(class_labels=torch.arange(num) % classes)
 
 
+def eval_points(cfg, total_steps: int) -> list[tuple[int, tuple[int, ...]]]:
+    """When to evaluate which step counts: progressive distillation has a different student per round
+    (the N-step student is the one at the end of the round that distils 2N steps into N), every other
+    method one student for all step counts at the end."""
+    if cfg.method != "progressive":
+        return [(total_steps, STEPS)]
+    p = cfg.progressive
+    ends = {n: int(round(math.log2(p.initial_steps / n))) * p.steps_per_round for n in STEPS}
+    return [(min(ends[n], total_steps), (n,)) for n in sorted(STEPS, reverse=True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(sorted(p.stem for p in (REPO / "configs/digits").glob("*.yaml"))))
@@ -65,12 +77,16 @@ def main() -> None:
         run = Path(args.runs) / method
         start = time.perf_counter()
         trainer = Trainer(cfg, run, max_steps=args.max_steps)
-        trainer.run()
+        m, fds = trainer.method, {}
+        for stop, counts in eval_points(cfg, trainer.total_steps):
+            trainer.total_steps = stop
+            trainer.run()
+            student = m.student_denoiser(trainer.ema[cfg.train.ema_decays[0]])
+            for n in counts:
+                images = generate(student, teacher.sample_shape, args.num, sampler=m.student_sampler,
+                                  timesteps=m.student_timesteps(n), cond=cond, seed=1)
+                fds[n] = fd(images, classifier, ref)
         seconds = time.perf_counter() - start
-        m = trainer.method
-        student = m.student_denoiser(trainer.ema[cfg.train.ema_decays[0]])
-        fds = {n: fd(generate(student, teacher.sample_shape, args.num, sampler=m.student_sampler,
-                              timesteps=m.student_timesteps(n), cond=cond, seed=1), classifier, ref) for n in STEPS}
         rows.append((method, trainer.step, seconds, fds))
         print(f"{method}: {trainer.step} steps in {seconds:.0f}s; FD {fds}", flush=True)
     print()
