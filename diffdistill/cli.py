@@ -118,31 +118,30 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"{num} samples ({args.sampler}, {len(args.timesteps) if args.timesteps else args.steps} steps) -> {path}")
 
 
+def _training_parser(sub, func, config_help: str, output_help: str, override_example: str) -> argparse.ArgumentParser:
+    """The options every training command shares: config, output, step cap, dry run, overrides."""
+    p = sub.add_parser(func.__name__.removeprefix("cmd_"), help=func.__doc__)
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--output", help=output_help)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {override_example}")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffdistill", description="Distil diffusion models into few-step generators.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{teacher,distill,sample}")
 
-    p = sub.add_parser("teacher", help=cmd_teacher.__doc__)
-    p.add_argument("--config", help="YAML config (default: built-in digits teacher defaults)")
-    p.add_argument("--output", help="directory for the diffusers pipeline")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--overwrite", action="store_true", help="allow a non-empty output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
-    p.set_defaults(func=cmd_teacher)
-
-    p = sub.add_parser("distill", help=cmd_distill.__doc__)
-    p.add_argument("--config", help="YAML config naming a method, e.g. configs/digits/progressive.yaml")
-    p.add_argument("--output", help="run directory (checkpoints, logs, sample grids, config.yaml)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (the run can be resumed)")
+    p = _training_parser(sub, cmd_teacher, "YAML config (default: built-in digits teacher defaults)",
+                         "directory for the diffusers pipeline", "train.steps=100")
+    p = _training_parser(sub, cmd_distill, "YAML config naming a method, e.g. configs/digits/progressive.yaml",
+                         "run directory (checkpoints, logs, sample grids, config.yaml)", "train.max_steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--overwrite", action="store_true", help="allow a non-empty output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
-    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sample", help=cmd_sample.__doc__)
     p.add_argument("--teacher", help="diffusers pipeline directory or Hub id (default: the shipped digits teacher)")

@@ -26,7 +26,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..adapters import build_adapter
 from ..config import option
 from ..denoiser import Conditioning, Denoiser
 from ..samplers.base import ddim_step, per_sample
@@ -160,10 +159,7 @@ class ConsistencyDistillation(Method):
         return {"target": self.target}
 
     def student_denoiser(self, network: nn.Module) -> Denoiser:
-        den = self.teacher.denoiser
-        inner = build_adapter(network, den.schedule, den.prediction_type, {"null_class": den.null_class},
-                              timestep_scale=den.timestep_scale)
-        return ConsistencyDenoiser(inner, self.sigma_min, boundary=self.args.boundary, sigma_data=self.args.sigma_data)
+        return ConsistencyDenoiser(self.like_teacher(network), self.sigma_min, boundary=self.args.boundary, sigma_data=self.args.sigma_data)
 
     def student_timesteps(self, num_steps: int) -> list[float]:
         """``num_steps`` grid levels evenly spaced in index from the noisiest one down."""

@@ -128,6 +128,15 @@ class Method:
         """The student (or one of its EMA copies) as a :class:`Denoiser`."""
         raise NotImplementedError
 
+    def like_teacher(self, network: nn.Module) -> Denoiser:
+        """``network`` (a copy of the teacher's) behind the teacher's adapter, schedule and prediction
+        type, unguided."""
+        from ..adapters import build_adapter
+
+        den = self.teacher.denoiser
+        return build_adapter(network, den.schedule, den.prediction_type, {"null_class": den.null_class},
+                             timestep_scale=den.timestep_scale)
+
     def student_timesteps(self, num_steps: int) -> list[float]:
         """The native times the ``num_steps``-step student sampler visits (then clean data)."""
         return self.teacher.denoiser.schedule.grid(num_steps, "trailing")[:-1].tolist()

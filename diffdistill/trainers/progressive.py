@@ -25,7 +25,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..adapters import build_adapter
 from ..config import option
 from ..denoiser import Denoiser
 from ..samplers.base import ddim_step
@@ -114,9 +113,7 @@ class ProgressiveDistillation(Method):
         return {"round_teacher": self.round_teacher} if self.round_teacher is not None else {}
 
     def student_denoiser(self, network: nn.Module) -> Denoiser:
-        den = self.teacher.denoiser
-        return build_adapter(network, den.schedule, den.prediction_type, {"null_class": den.null_class},
-                             timestep_scale=den.timestep_scale)
+        return self.like_teacher(network)
 
     def teacher_denoiser(self) -> Denoiser:
         """Round 0: the (guided) teacher; later rounds: the previous round's student, frozen."""
