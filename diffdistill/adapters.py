@@ -14,7 +14,8 @@ a forward hook, never by replacing the diffusers forward.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -71,9 +72,45 @@ class DiffusersDenoiser(Denoiser):
         return self._null_labels(cond)
 
 
+def add_time_condition(network: nn.Module, dim: int) -> None:
+    """Give ``network.time_embedding`` a zero-initialised ``cond_proj`` (``dim`` → time channels), the input
+    diffusers' ``TimestepEmbedding`` adds to the timestep features (LCM's guidance-scale embedding, Luo et al.
+    2023). Zero init keeps the network's outputs unchanged until training moves it."""
+    te = network.time_embedding
+    if getattr(te, "cond_proj", None) is None:
+        te.cond_proj = nn.Linear(dim, te.linear_1.in_features, bias=False).to(te.linear_1.weight)
+        nn.init.zeros_(te.cond_proj.weight)
+    if "time_cond_proj_dim" in network.config:  # UNet2DConditionModel records it, so save/load round-trips
+        network.register_to_config(time_cond_proj_dim=dim)
+
+
+@contextmanager
+def time_condition(network: nn.Module, condition: torch.Tensor | None) -> Iterator[None]:
+    """Feed ``condition`` to ``network.time_embedding`` for the calls inside the block.
+
+    ``UNet2DModel.forward`` has no ``timestep_cond`` argument; a forward pre-hook (a public PyTorch API)
+    passes it to the ``TimestepEmbedding`` call instead of replacing the diffusers forward.
+    """
+    if condition is None:
+        yield
+        return
+    if getattr(network.time_embedding, "cond_proj", None) is None:
+        raise DiffDistillError("this network has no time-condition input; call add_time_condition first")
+
+    def hook(_module, args, kwargs):
+        return args, {**kwargs, "condition": condition.to(network.time_embedding.cond_proj.weight)}
+
+    handle = network.time_embedding.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @register_adapter("UNet2DModel")
 class UNet2DDenoiser(DiffusersDenoiser):
-    """``UNet2DModel(sample, timestep, class_labels)``; features: the mid block's output."""
+    """``UNet2DModel(sample, timestep, class_labels)``; features: the mid block's output. A
+    ``cond.timestep_cond`` reaches the time embedding through :func:`time_condition`."""
 
     @property
     def feature_module(self) -> nn.Module | None:
@@ -86,7 +123,8 @@ class UNet2DDenoiser(DiffusersDenoiser):
             if self.null_class is None:
                 raise DiffDistillError("this UNet2DModel is class-conditional: pass class labels")
             labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
-        return self.network(x, tt, class_labels=labels).sample
+        with time_condition(self.network, cond.timestep_cond):
+            return self.network(x, tt, class_labels=labels).sample
 
 
 @register_adapter("UNet2DConditionModel")

@@ -91,23 +91,42 @@ def teacher_solver_step(teacher: Denoiser, x: torch.Tensor, t: torch.Tensor, r: 
     return ode_step(teacher, x, t, r, cond, guidance_scale=guidance_scale, frame="edm", heun=solver == "heun")
 
 
-def consistency_distillation_loss(teacher: Denoiser, student: Denoiser, target: Denoiser, x0: torch.Tensor,
-                                  cond: Conditioning, grid: torch.Tensor, *, solver: str = "heun",
-                                  distance: str = "l2", weighting: str = "uniform",
+def lognormal_level_probs(grid_sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
+    """iCT's discrete lognormal over pairs ``(σ_n, σ_{n+1})`` (Song & Dhariwal 2023, §3.5):
+    ``p(n) ∝ erf((ln σ_{n+1} − P_mean)/(√2·P_std)) − erf((ln σ_n − P_mean)/(√2·P_std))``."""
+    cdf = torch.erf((torch.log(grid_sigmas) - p_mean) / (2**0.5 * p_std))
+    p = cdf[1:] - cdf[:-1]
+    return p / p.sum()
+
+
+def consistency_distillation_loss(teacher: Denoiser | None, student: Denoiser, target: Denoiser, x0: torch.Tensor,
+                                  cond: Conditioning, grid: torch.Tensor, *, schedule: NoiseSchedule | None = None,
+                                  solver: str = "heun", distance: str = "l2", weighting: str = "uniform",
+                                  level_probs: torch.Tensor | None = None, guidance_scale: torch.Tensor | None = None,
                                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """One micro-batch of CD: ``λ(t_n)·d(f_θ(x_{n+1}, t_{n+1}), f_θ⁻(x̂_n, t_n))`` averaged over the batch.
 
+    ``x̂_n`` is one ``solver`` step of ``teacher`` (consistency distillation) or, with ``teacher=None``, the
+    same data and noise at ``t_n`` (consistency training). ``n`` is uniform, or drawn from ``level_probs``.
     ``weighting``: ``"uniform"`` (λ = 1, the CD paper) or ``"icm"`` (``λ = 1/(σ_{n+1} − σ_n)``, iCT).
+    ``guidance_scale`` (per sample, standard convention) guides the teacher step and is handed to the
+    student and target networks, which LCM students embed (:class:`GuidanceEmbeddedStudent`).
     """
-    schedule = teacher.schedule
-    n = torch.randint(len(grid) - 1, (len(x0),), generator=generator)
+    schedule = schedule or teacher.schedule
+    if level_probs is None:
+        n = torch.randint(len(grid) - 1, (len(x0),), generator=generator)
+    else:
+        n = torch.multinomial(level_probs, len(x0), replacement=True, generator=generator)
     t_hi, t_lo = grid[n + 1], grid[n]
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     x_hi = schedule.add_noise(x0, eps, t_hi)
     with torch.no_grad():
-        x_lo = teacher_solver_step(teacher, x_hi, t_hi, t_lo, cond, solver)
-        goal = target(x_lo, t_lo, cond)
-    dist = DISTANCES[distance](student(x_hi, t_hi, cond), goal)
+        if teacher is None:
+            x_lo = schedule.add_noise(x0, eps, t_lo)
+        else:
+            x_lo = teacher_solver_step(teacher, x_hi, t_hi, t_lo, cond, solver, guidance_scale)
+        goal = target(x_lo, t_lo, cond, guidance_scale=guidance_scale)
+    dist = DISTANCES[distance](student(x_hi, t_hi, cond, guidance_scale=guidance_scale), goal)
     lam = 1 / (schedule.sigma(t_hi) - schedule.sigma(t_lo)) if weighting == "icm" else torch.ones(len(x0))
     return {"loss": (lam.to(dist) * dist).mean(), "distance": dist.mean().detach()}
 
@@ -141,7 +160,7 @@ class ConsistencyDistillation(Method):
 
     def __init__(self, cfg: ConsistencyConfig, teacher):
         super().__init__(cfg, teacher)
-        self.args = args = cfg.consistency
+        self.args = args = self.method_args(cfg)
         schedule = teacher.denoiser.schedule
         self.sigma_min = args.sigma_min if args.sigma_min is not None else float(schedule.sigma(schedule.t_min))
         sigma_max = args.sigma_max if args.sigma_max is not None else float(schedule.sigma(schedule.t_max))
@@ -151,6 +170,10 @@ class ConsistencyDistillation(Method):
         self.grid = consistency_grid(schedule, args.num_scales, args.discretisation, self.sigma_min, sigma_max, args.rho)
         self.student = copy.deepcopy(teacher.denoiser.network).train().requires_grad_(True)
         self.target = copy.deepcopy(teacher.denoiser.network).eval().requires_grad_(False)
+
+    @staticmethod
+    def method_args(cfg) -> ConsistencyArgs:
+        return cfg.consistency
 
     def trainable_roles(self) -> dict[str, nn.Module]:
         return {"student": self.student}
@@ -166,13 +189,14 @@ class ConsistencyDistillation(Method):
         idx = torch.linspace(len(self.grid) - 1, 0, num_steps + 1).round().long()[:-1]
         return self.grid[idx].tolist()
 
-    def loss(self, phase, batch, step, generator) -> dict[str, torch.Tensor]:
+    def loss(self, phase, batch, step, generator, guidance_scale: torch.Tensor | None = None
+             ) -> dict[str, torch.Tensor]:
         x0, cond = batch
         a = self.args
         return consistency_distillation_loss(self.teacher.denoiser, self.student_denoiser(self.student),
                                              self.student_denoiser(self.target), x0, cond, self.grid,
                                              solver=a.solver, distance=a.distance, weighting=a.weighting,
-                                             generator=generator)
+                                             guidance_scale=guidance_scale, generator=generator)
 
     def after_step(self, step: int) -> bool:
         ema_update(self.target, self.student, self.args.target_ema)

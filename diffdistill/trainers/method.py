@@ -152,7 +152,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def get_method(name: str) -> type[Method]:
-    from . import consistency, progressive  # noqa: F401  (register the built-in methods)
+    from . import consistency, ict, lcm, progressive  # noqa: F401  (register the built-in methods)
 
     if name not in METHODS:
         import difflib
