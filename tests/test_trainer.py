@@ -75,3 +75,78 @@ def test_distill_cli_dry_run_errors_and_resume_checks(tiny_teacher_dir, tmp_path
     assert "differs in 'train'" in capsys.readouterr().err
     assert main([*args, "train.max_steps=4", "--resume"]) == 0
     assert latest_checkpoint(run).name == "step_0000004"
+
+
+def test_phases_step_the_right_optimizer_the_right_number_of_times(tiny_teacher_dir, tmp_path):
+    """A two-role method with 3 critic updates per student update: the loop steps each role's own
+    optimizer exactly as the phases say, and only that role's weights move in its phase."""
+    import copy
+
+    from torch import nn
+
+    from diffdistill.trainers.loop import Trainer
+    from diffdistill.trainers.method import METHODS, Method, Phase
+    from diffdistill.trainers.progressive import ProgressiveConfig
+
+    class TwoRoles(Method):
+        name = "two_roles_test"
+        config_class = ProgressiveConfig
+
+        def __init__(self, cfg, teacher):
+            super().__init__(cfg, teacher)
+            self.student = copy.deepcopy(teacher.denoiser.network).requires_grad_(True)
+            self.critic = nn.Linear(4, 1)
+            self.order = []
+
+        def trainable_roles(self):
+            return {"student": self.student, "critic": self.critic}
+
+        def phases(self, step):
+            return [Phase("critic", "critic", repeat=3), Phase("student", "student")]
+
+        def loss(self, phase, batch, step, generator):
+            self.order.append(phase)
+            net = self.critic if phase == "critic" else self.student
+            return {"loss": sum((p.float() ** 2).mean() for p in net.parameters())}
+
+        def student_denoiser(self, network):
+            return self.like_teacher(network)
+
+    METHODS[TwoRoles.name] = TwoRoles
+    try:
+        cfg = pd_config(tiny_teacher_dir, "train.max_steps=2")
+        trainer = Trainer(cfg, tmp_path / "run", progress=False)
+        trainer.method = TwoRoles(cfg, trainer.method.teacher)
+        trainer.roles = trainer.method.trainable_roles()
+        trainer.optimizers = {r: torch.optim.SGD(m.parameters(), lr=0.1) for r, m in trainer.roles.items()}
+        trainer.schedulers = {r: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for r, o in trainer.optimizers.items()}
+        steps = {r: 0 for r in trainer.optimizers}
+        for role, opt in trainer.optimizers.items():
+            opt.register_step_post_hook(lambda *_, role=role: steps.__setitem__(role, steps[role] + 1))
+        critic_before = {k: v.clone() for k, v in trainer.method.critic.state_dict().items()}
+        student_before = {k: v.clone() for k, v in trainer.method.student.state_dict().items()}
+        trainer.train_step()
+        assert steps == {"critic": 3, "student": 1}
+        assert trainer.method.order == ["critic", "critic", "critic", "student"]
+        trainer.train_step()
+        assert steps == {"critic": 6, "student": 2}
+        assert any(not torch.equal(v, critic_before[k]) for k, v in trainer.method.critic.state_dict().items())
+        assert any(not torch.equal(v, student_before[k]) for k, v in trainer.method.student.state_dict().items())
+    finally:
+        METHODS.pop(TwoRoles.name)
+
+
+def test_bf16_mixed_precision_runs(tiny_teacher_dir, tmp_path):
+    """In its own process: accelerate fixes the precision once per process."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "diffdistill.cli", "distill", "--output", str(run), "--quiet",
+                           "method=progressive", f"teacher={tiny_teacher_dir}", "data.resolution=8",
+                           "train.batch_size=4", "train.max_steps=2", "train.log_every=1", "train.sample_every=0",
+                           "train.mixed_precision=bf16", "progressive.initial_steps=4"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(torch.isfinite(torch.tensor(v)) for row in log for v in row.values())
