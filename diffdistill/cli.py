@@ -41,38 +41,44 @@ def _ensure_empty_dir(path: Path, overwrite: bool) -> None:
         raise DiffDistillError(f"output directory {path} is not empty; choose a new one or pass --overwrite")
 
 
+def _run_output(args: argparse.Namespace, cfg, resume: bool = False) -> Path | None:
+    """For a training command: print the resolved config and return None on ``--dry-run``; otherwise the
+    checked ``--output`` directory (empty unless ``--overwrite``, or any when resuming)."""
+    from .config import config_to_yaml
+
+    if args.dry_run:
+        print(config_to_yaml(cfg), end="")
+        return None
+    if not args.output:
+        raise DiffDistillError(f"{args.command} needs --output DIR (or --dry-run)")
+    output = Path(args.output)
+    if not resume:
+        _ensure_empty_dir(output, args.overwrite)
+    return output
+
+
 def cmd_teacher(args: argparse.Namespace) -> None:
     """Train a class-conditional UNet2DModel teacher and save it as a diffusers pipeline directory."""
-    from .config import config_to_yaml, load_config
+    from .config import load_config
     from .teacher import TeacherConfig, train_teacher
 
     cfg = load_config(TeacherConfig, args.config, args.overrides)
-    if args.dry_run:
-        print(config_to_yaml(cfg), end="")
+    output = _run_output(args, cfg)
+    if output is None:
         return
-    if not args.output:
-        raise DiffDistillError("teacher needs --output DIR (or --dry-run)")
-    output = Path(args.output)
-    _ensure_empty_dir(output, args.overwrite)
     train_teacher(cfg, output, max_steps=args.max_steps, progress=not args.quiet)
     print(f"teacher written to {output}")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
     """Distil a teacher into a few-step student with the method the config names."""
-    from .config import config_to_yaml
     from .trainers.loop import distill
     from .trainers.method import load_distill_config
 
     cfg = load_distill_config(args.config, args.overrides)
-    if args.dry_run:
-        print(config_to_yaml(cfg), end="")
+    output = _run_output(args, cfg, resume=args.resume)
+    if output is None:
         return
-    if not args.output:
-        raise DiffDistillError("distill needs --output DIR (or --dry-run)")
-    output = Path(args.output)
-    if not args.resume:
-        _ensure_empty_dir(output, args.overwrite)
     distill(cfg, output, max_steps=args.max_steps, resume=args.resume, progress=not args.quiet)
     print(f"run written to {output}")
 
