@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from diffdistill.cli import main
 from diffdistill.trainers.checkpoint import latest_checkpoint, list_checkpoints
-from diffdistill.trainers.loop import distill
+from diffdistill.trainers.loop import Trainer, distill
 from diffdistill.trainers.method import load_distill_config
 
 
@@ -150,3 +151,25 @@ def test_bf16_mixed_precision_runs(tiny_teacher_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(torch.isfinite(torch.tensor(v)) for row in log for v in row.values())
+
+
+def test_ema_rampup_follows_the_edm_half_life_rule():
+    from diffdistill.trainers.ema import ema_decay
+
+    assert ema_decay(0.999, 5, 0.0) == 0.999  # ramp-up off: the plain decay
+    assert ema_decay(0.999, 1, 0.05) < 1e-5  # the first update all but copies the student
+    assert ema_decay(0.999, 10**6, 0.05) == pytest.approx(0.999, abs=1e-15)  # past the ramp: the plain decay
+    for n in (20, 100, 600):  # during the ramp the half-life is rampup × n steps
+        assert ema_decay(0.999, n, 0.05) ** (0.05 * n) == pytest.approx(0.5, rel=1e-12)
+    decays = [ema_decay(0.999, n, 0.05) for n in range(1, 20000, 97)]
+    assert decays == sorted(decays)
+
+
+def test_ema_average_restarts_its_rampup_with_each_round(tiny_teacher_dir, tmp_path):
+    cfg = pd_config(tiny_teacher_dir, "train.max_steps=9")  # rounds of 7 steps
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.run()
+    assert trainer.ema_start == 7
+    resumed = Trainer(cfg, tmp_path / "run", progress=False)
+    resumed.load(latest_checkpoint(tmp_path / "run"))
+    assert resumed.ema_start == 7

@@ -26,7 +26,7 @@ from ..errors import DiffDistillError
 from ..grid import save_grid
 from ..pretrained import load_pretrained
 from ..samplers import generate
-from .ema import ema_update
+from .ema import ema_decay, ema_update
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .method import DistillConfig, Method, OptimConfig, get_method
 
@@ -84,6 +84,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.dataset = build_dataset(cfg.data)
         self.step = 0
+        self.ema_start = 0  # the step the EMA copies were last (re)started from the student
 
     # --- checkpoints ---------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
@@ -93,7 +94,7 @@ class Trainer:
         return nets
 
     def save(self) -> Path:
-        state = {"step": self.step, "generator": self.generator.get_state(), "method": self.method.state_dict(),
+        state = {"step": self.step, "ema_start": self.ema_start, "generator": self.generator.get_state(), "method": self.method.state_dict(),
                  "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
                  "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()}}
         nets = {stem: m.state_dict() for stem, m in self.networks().items()}
@@ -111,6 +112,7 @@ class Trainer:
             self.schedulers[role].load_state_dict(state["schedulers"][role])
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
+        self.ema_start = int(state["ema_start"])
 
     # --- one step ------------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, Conditioning]:
@@ -137,10 +139,12 @@ class Trainer:
                 self.schedulers[phase.role].step()
                 opt.zero_grad(set_to_none=True)
         for decay, ema in self.ema.items():
-            ema_update(ema, self.roles["student"], decay)
+            ema_update(ema, self.roles["student"], ema_decay(decay, self.step + 1 - self.ema_start,
+                                                              self.cfg.train.ema_rampup))
         if self.method.after_step(self.step):
             for ema in self.ema.values():
                 ema.load_state_dict(self.roles["student"].state_dict())
+            self.ema_start = self.step + 1
         self.step += 1
         return logged
 

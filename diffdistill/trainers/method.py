@@ -44,6 +44,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     ema_decays: list[float] = field(default_factory=lambda: [0.999])
+    ema_rampup: float = option(0.05, min=0.0, help="EDM EMA ramp-up: half-life ≤ this × steps averaged; 0 = off")
     log_every: int = option(10, min=1)
     sample_every: int = option(500, min=0, help="sample grid PNG every N steps; 0 = off")
     checkpoint_every: int = option(500, min=1)
