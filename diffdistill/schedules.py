@@ -163,6 +163,16 @@ class NoiseSchedule(ABC):
         """Standard deviation of the initial noise at ``t_max`` (what sampling starts from)."""
 
     @abstractmethod
+    def time_at_fraction(self, u: torch.Tensor) -> torch.Tensor:
+        """The native time a fraction ``u ∈ [0, 1]`` of the way from the least to the most noisy level.
+
+        This is how the distribution-matching methods state their time ranges schedule-free (DMD's
+        ``min_step_percent = 0.02``, ``max_step_percent = 0.98``): VP ``round(u·(T − 1))`` (DMD's integer
+        timesteps), EDM the Karras interpolation ``(σ_min^{1/ρ} + u·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ`` (DMD2's
+        ImageNet grid, SiD's ``rnd_t``), flow ``u`` through the shift.
+        """
+
+    @abstractmethod
     def to_config(self) -> dict[str, Any]:
         """A JSON-safe dict that :func:`schedule_from_config` turns back into this schedule."""
 
@@ -307,6 +317,9 @@ class VPSchedule(NoiseSchedule):
     def prior_std(self) -> float:
         return 1.0  # a² + s² = 1 for unit-variance data, as diffusers' init_noise_sigma
 
+    def time_at_fraction(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.round(_as_f64(u).clamp(0, 1) * self.t_max)
+
     def to_config(self) -> dict[str, Any]:
         if self.scheduler_config:
             return {"family": self.family, "scheduler_config": dict(self.scheduler_config)}
@@ -356,6 +369,10 @@ class EDMSchedule(NoiseSchedule):
 
     def prior_std(self) -> float:
         return self.t_max
+
+    def time_at_fraction(self, u: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.t_min ** (1 / self.rho), self.t_max ** (1 / self.rho)
+        return (lo + _as_f64(u).clamp(0, 1) * (hi - lo)) ** self.rho
 
     def to_config(self) -> dict[str, Any]:
         return {"family": self.family, "sigma_min": self.t_min, "sigma_max": self.t_max,
@@ -409,6 +426,9 @@ class FlowSchedule(NoiseSchedule):
 
     def prior_std(self) -> float:
         return 1.0
+
+    def time_at_fraction(self, u: torch.Tensor) -> torch.Tensor:
+        return self.shift_time(_as_f64(u).clamp(0, 1))
 
     def to_config(self) -> dict[str, Any]:
         return {"family": self.family, "shift": self.shift}

@@ -74,10 +74,12 @@ class Trainer:
         self.roles = self.method.trainable_roles()
         if "student" not in self.roles:
             raise DiffDistillError(f"method {cfg.method} declares no 'student' role")
-        self.optimizers, self.schedulers = {}, {}
+        self.optimizers, self.schedulers, self.params = {}, {}, {}
         for role, module in self.roles.items():
             oc = self.method.optim_config(role)
-            opt = torch.optim.AdamW(module.parameters(), lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+            params = [p for p in module.parameters() if p.requires_grad]  # a LoRA critic trains adapters only
+            self.params[role] = params
+            opt = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
             self.optimizers[role] = opt
             self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(oc, cfg.train.max_steps))
         self.ema = {d: copy.deepcopy(self.roles["student"]).eval().requires_grad_(False) for d in cfg.train.ema_decays}
@@ -93,11 +95,21 @@ class Trainer:
         nets.update({f"ema_{d:g}": m for d, m in self.ema.items()})
         return nets
 
+    def _shared_keys(self, module: nn.Module) -> set[str]:
+        """State keys of ``module`` whose tensors are the frozen teacher's own (a LoRA critic's base)."""
+        teacher = {id(t) for t in self.method.teacher.denoiser.state_dict(keep_vars=True).values()}
+        return {k for k, t in module.state_dict(keep_vars=True).items() if id(t) in teacher}
+
+    def _own_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``module``'s state without the teacher's tensors: the frozen teacher is never checkpointed."""
+        shared = self._shared_keys(module)
+        return {k: t for k, t in module.state_dict().items() if k not in shared}
+
     def save(self) -> Path:
         state = {"step": self.step, "ema_start": self.ema_start, "generator": self.generator.get_state(), "method": self.method.state_dict(),
                  "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
                  "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()}}
-        nets = {stem: m.state_dict() for stem, m in self.networks().items()}
+        nets = {stem: self._own_state(m) for stem, m in self.networks().items()}
         return save_checkpoint(self.run_dir, self.step, nets, state, self.cfg.train.keep_checkpoints)
 
     def load(self, path: Path) -> None:
@@ -106,7 +118,10 @@ class Trainer:
         for stem, module in self.networks().items():
             if stem not in nets:
                 raise DiffDistillError(f"checkpoint {path} has no '{stem}' weights; was it made by another method?")
-            module.load_state_dict(nets[stem])
+            missing, unexpected = module.load_state_dict(nets[stem], strict=False)
+            if unexpected or set(missing) != self._shared_keys(module):
+                raise DiffDistillError(f"checkpoint {path}: '{stem}' weights do not fit this run's network "
+                                       f"(missing {sorted(set(missing))[:3]}, unexpected {unexpected[:3]})")
         for role, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][role])
             self.schedulers[role].load_state_dict(state["schedulers"][role])
@@ -125,7 +140,8 @@ class Trainer:
         x0, cond = self._batch()
         accum, logged = self.cfg.train.grad_accum, {}
         for phase in self.method.phases(self.step):
-            module, opt = self.roles[phase.role], self.optimizers[phase.role]
+            roles = (phase.role,) if isinstance(phase.role, str) else tuple(phase.role)
+            self._trainable(roles)  # other roles' weights get no gradients (DMD2 freezes its critic likewise)
             for _ in range(phase.repeat):
                 for xs, idx in zip(x0.chunk(accum), torch.arange(len(x0)).chunk(accum)):
                     with self.accelerator.autocast():
@@ -133,11 +149,14 @@ class Trainer:
                     self.accelerator.backward(terms["loss"] / accum)
                     for k, v in terms.items():
                         logged[f"{phase.name}/{k}"] = logged.get(f"{phase.name}/{k}", 0.0) + v.item() / accum / phase.repeat
-                if self.cfg.train.grad_clip > 0:
-                    self.accelerator.clip_grad_norm_(module.parameters(), self.cfg.train.grad_clip)
-                opt.step()
-                self.schedulers[phase.role].step()
-                opt.zero_grad(set_to_none=True)
+                for role in roles:
+                    if self.cfg.train.grad_clip > 0:
+                        self.accelerator.clip_grad_norm_(self.roles[role].parameters(), self.cfg.train.grad_clip)
+                    self.optimizers[role].step()
+                    self.schedulers[role].step()
+                for module in self.roles.values():  # every role: a phase's loss may reach other roles' weights
+                    module.zero_grad(set_to_none=True)
+        self._trainable(tuple(self.roles))
         for decay, ema in self.ema.items():
             ema_update(ema, self.roles["student"], ema_decay(decay, self.step + 1 - self.ema_start,
                                                               self.cfg.train.ema_rampup))
@@ -147,6 +166,11 @@ class Trainer:
             self.ema_start = self.step + 1
         self.step += 1
         return logged
+
+    def _trainable(self, roles: tuple[str, ...]) -> None:
+        for role, params in self.params.items():
+            for p in params:
+                p.requires_grad_(role in roles)
 
     # --- the run -------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> Path:

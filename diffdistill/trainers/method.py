@@ -68,10 +68,11 @@ class DistillConfig:
 
 @dataclass
 class Phase:
-    """``repeat`` optimizer steps of role ``role`` on the loss terms ``Method.loss(name, …)`` returns."""
+    """``repeat`` optimizer steps of role ``role`` (or of each role in a tuple, e.g. a critic and the GAN
+    head it feeds) on the loss terms ``Method.loss(name, …)`` returns."""
 
     name: str
-    role: str
+    role: str | tuple[str, ...]
     repeat: int = 1
 
 
@@ -153,7 +154,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def get_method(name: str) -> type[Method]:
-    from . import consistency, ict, lcm, progressive  # noqa: F401  (register the built-in methods)
+    from . import consistency, dmd, dmd2, ict, lcm, progressive, sid, vsd  # noqa: F401  (built-in methods)
 
     if name not in METHODS:
         import difflib

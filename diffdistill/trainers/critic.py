@@ -1,0 +1,96 @@
+"""The fake-score critic of the distribution-matching methods: a denoiser of the student's samples.
+
+It starts as the teacher and learns, by denoising score matching on (detached) student samples, the
+score of the student's output distribution (DMD, Yin et al. 2024, §3.2; VSD, Wang et al. 2023, §4).
+Two forms (switch ``critic.kind``):
+
+- ``"full"``: a trainable float32 copy of the teacher network (DMD, DMD2, SiD);
+- ``"lora"``: LoRA adapters (peft) on a *shallow* copy of the teacher whose base weights are the frozen
+  teacher's own tensors, so the critic costs only its adapters, their gradients and optimizer state
+  (VSD / SwiftBrush). The loop never checkpoints those shared tensors.
+
+The score-matching weighting is a switch, because the official codes differ: ``"snr"`` is the ε-MSE
+(``‖ε̂ − ε‖² = SNR·‖x̂0 − x0‖²``; DMD2's Stable Diffusion code), ``"karras"`` the EDM weighting
+``(SNR + 1/σ_d²)·‖x̂0 − x0‖²`` (DMD2's ImageNet code and SiD), ``"snr_plus_one"`` the v-MSE.
+Training times are uniform over the whole schedule (both DMD2 codes).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..config import option
+from ..denoiser import Conditioning, Denoiser
+from ..samplers.base import per_sample
+
+#: module-name suffixes LoRA wraps by default (the attention projections, resnet convs and time
+#: projections of a diffusers UNet / DiT; DMD2's SDXL LoRA list)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
+
+
+@dataclass
+class CriticArgs:
+    kind: Literal["full", "lora"] = "full"
+    lora_rank: int = option(8, min=1, help="LoRA rank (critic.kind = lora)")
+    lora_alpha: float = option(8.0, min=0.0, help="LoRA scale numerator: the update is (alpha/rank)·BA")
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    weighting: Literal["snr", "karras", "snr_plus_one"] = "snr"
+
+
+def shared_copy(network: nn.Module) -> nn.Module:
+    """A structural copy of ``network`` whose parameters and buffers *are* ``network``'s tensors."""
+    memo = {id(t): t for t in network.parameters()}
+    memo.update({id(t): t for t in network.buffers()})
+    return copy.deepcopy(network, memo)
+
+
+def build_critic_network(teacher_network: nn.Module, args: CriticArgs) -> nn.Module:
+    """The critic's network per ``args.kind``; see the module docstring."""
+    if args.kind == "full":
+        return copy.deepcopy(teacher_network).float().train().requires_grad_(True)
+    from peft import LoraConfig, inject_adapter_in_model
+
+    net = shared_copy(teacher_network)
+    names = [n for n, _ in net.named_modules()]
+    targets = [t for t in args.lora_targets if any(n == t or n.endswith("." + t) for n in names)]
+    if not targets:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"critic.lora_targets {args.lora_targets} match no module of "
+                          f"{type(teacher_network).__name__}; name some of its layers")
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=targets, lora_dropout=0.0)
+    net = inject_adapter_in_model(config, net)
+    for name, p in net.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+        p.requires_grad_("lora_" in name)
+    return net.train()
+
+
+def score_matching_weight(denoiser: Denoiser, t: torch.Tensor, weighting: str, sigma_data: float = 0.5
+                          ) -> torch.Tensor:
+    """Per-sample weight of ``‖x̂0 − x0‖²`` (float64); see the module docstring."""
+    a, s = denoiser.schedule.alpha_sigma(t)
+    snr = (a / s) ** 2
+    extra = {"snr": 0.0, "karras": 1.0 / sigma_data**2, "snr_plus_one": 1.0}[weighting]
+    return snr + extra
+
+
+def score_matching_loss(critic: Denoiser, x0: torch.Tensor, cond: Conditioning, weighting: str,
+                        generator: torch.Generator) -> torch.Tensor:
+    """Denoising score matching of ``critic`` on the samples ``x0`` (detached): ``t`` uniform over the
+    schedule, ``x_t = a·x0 + s·ε``, loss ``mean_b λ(t)·mean_CHW (D(x_t, t) − x0)²``."""
+    x0 = x0.detach()
+    schedule = critic.schedule
+    u = torch.rand(len(x0), generator=generator, dtype=torch.float64)
+    t = schedule.time_at_fraction(u).clamp(min=schedule.t_min).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    pred = critic(schedule.add_noise(x0, eps, t), t, cond, guidance_scale=1.0)
+    weight = per_sample(score_matching_weight(critic, t, weighting), x0).flatten()
+    return (weight.to(x0.dtype) * ((pred - x0) ** 2).flatten(1).mean(1)).mean()

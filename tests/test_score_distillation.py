@@ -1,0 +1,198 @@
+"""The distribution-matching family: DMD, DMD2, VSD, SiD, the fake-score critic and the GAN heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffdistill.analytic import GaussianMixture, GaussianMixtureDenoiser
+from diffdistill.schedules import VPSchedule
+from diffdistill.trainers.distribution_matching import dmd_direction, dmd_loss, sid_loss, vsd_direction, vsd_loss
+from diffdistill.trainers.loop import Trainer
+from diffdistill.trainers.method import load_distill_config
+
+from conftest import SCHEDULER_CONFIGS
+
+VP = VPSchedule.from_scheduler_config(SCHEDULER_CONFIGS["linear"])
+
+
+def tiny(method, teacher_dir, *extra):
+    return load_distill_config(None, [f"method={method}", f"teacher={teacher_dir}", "data.resolution=8",
+                                      "train.max_steps=2", "train.batch_size=4", "train.sample_every=0",
+                                      "critic.lora_rank=2", *extra])
+
+
+def counting(trainer):
+    counts = {r: 0 for r in trainer.optimizers}
+    for role, opt in trainer.optimizers.items():
+        original = opt.step
+
+        def step(*a, _role=role, _orig=original, **k):
+            counts[_role] += 1
+            return _orig(*a, **k)
+        opt.step = step
+    return counts
+
+
+CASES = [
+    ("dmd", ["dmd.num_pairs=8", "dmd.pair_steps=2"]),
+    ("dmd2", ["critic.updates=3"]),
+    ("dmd2", ["critic.updates=2", "gan.features=teacher", "gan.penalty=r1", "generator.student_steps=2",
+              "generator.student_inputs=noised_data"]),
+    ("dmd2", ["critic.updates=1", "gan.penalty=approx_r1", "generator.student_steps=4", "critic.kind=lora"]),
+    ("vsd", []),
+    ("sid", []),
+]
+
+
+@pytest.mark.parametrize("method,extra", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_cpu_runs_step_the_right_roles(method, extra, tiny_teacher_dir, tmp_path):
+    trainer = Trainer(tiny(method, tiny_teacher_dir, *extra), tmp_path / "run", progress=False)
+    m, cfg = trainer.method, trainer.cfg
+    teacher_state = {k: v.clone() for k, v in m.teacher.denoiser.network.state_dict().items()}
+    counts = counting(trainer)
+    student_before = [p.clone() for p in m.student.parameters()]
+    terms = [trainer.train_step() for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(v)) for t in terms for v in t.values())
+    assert all(p.grad is None and not p.requires_grad for p in m.teacher.denoiser.parameters())
+    assert all(torch.equal(v, teacher_state[k]) for k, v in m.teacher.denoiser.network.state_dict().items())
+    updates = cfg.critic.updates
+    expected = {"student": 2, "fake_score": 2 * updates} | ({"discriminator": 2 * updates} if cfg.gan.enabled else {})
+    assert counts == expected
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, m.student.parameters()))
+    names = set(terms[0])
+    assert {"critic/score_matching", "generator/loss"} <= names
+    assert ("critic/gan_discriminator" in names) == cfg.gan.enabled == ("generator/gan_generator" in names)
+    if cfg.gan.enabled and cfg.gan.penalty != "none":
+        assert "critic/gan_penalty" in names
+    if method == "dmd":
+        assert "generator/regression" in names
+
+
+def test_lora_critic_trains_adapters_only_and_is_checkpointed_without_the_teacher(tiny_teacher_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffdistill.trainers.checkpoint import latest_checkpoint
+
+    cfg = tiny("vsd", tiny_teacher_dir, "train.checkpoint_every=2")
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    critic, teacher = trainer.method.critic, trainer.method.teacher.denoiser.network
+    trainable = {n for n, p in critic.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen_before = {n: p.clone() for n, p in critic.named_parameters() if "lora_" not in n}
+    lora_before = {n: p.clone() for n, p in critic.named_parameters() if "lora_" in n}
+    trainer.run()
+    assert all(torch.equal(p, frozen_before[n]) for n, p in critic.named_parameters() if "lora_" not in n)
+    assert any(not torch.equal(p, lora_before[n]) for n, p in critic.named_parameters() if "lora_" in n)
+    teacher_ids = {p.data_ptr() for p in teacher.parameters()}
+    assert all(p.data_ptr() in teacher_ids for n, p in critic.named_parameters() if "lora_" not in n)  # shared
+    saved = load_file(latest_checkpoint(tmp_path / "run") / "fake_score.safetensors")
+    assert set(saved) and all("lora_" in k for k in saved)  # the frozen teacher is never written
+    resumed = Trainer(cfg, tmp_path / "run", progress=False)
+    resumed.load(latest_checkpoint(tmp_path / "run"))
+    for (n, p), q in zip(critic.named_parameters(), resumed.method.critic.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_score_distillation_resume_is_bit_identical(tiny_teacher_dir, tmp_path):
+    from diffdistill.trainers.loop import distill
+
+    extra = ["train.max_steps=4", "train.checkpoint_every=2", "critic.updates=2", "generator.student_steps=2"]
+    straight = Trainer(tiny("dmd2", tiny_teacher_dir, *extra), tmp_path / "a", progress=False)
+    straight.run()
+    distill(tiny("dmd2", tiny_teacher_dir, *extra), tmp_path / "b", max_steps=2, progress=False)
+    resumed = Trainer(tiny("dmd2", tiny_teacher_dir, *extra), tmp_path / "b", progress=False)
+    resumed.run(resume=True)
+    for stem, net in straight.networks().items():
+        for (k, v), w in zip(net.state_dict().items(), resumed.networks()[stem].state_dict().values()):
+            assert torch.equal(v, w), (stem, k)
+
+
+def test_data_free_methods_refuse_data_switches(tiny_teacher_dir, tmp_path):
+    from diffdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data-free"):
+        Trainer(tiny("sid", tiny_teacher_dir, "generator.student_inputs=noised_data"), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="data-free"):
+        Trainer(tiny("vsd", tiny_teacher_dir, "gan.enabled=true"), tmp_path / "b", progress=False)
+
+
+# --- closed forms on Gaussians -------------------------------------------------------------------
+
+def gaussian(mean, var, dim=3):
+    return GaussianMixtureDenoiser(GaussianMixture([1.0], torch.full((1, dim), float(mean), dtype=torch.float64), [float(var)]), VP)
+
+
+def analytic_x0(x_t, a, s, mean, var):
+    return mean + a * var / (a**2 * var + s**2) * (x_t - a * mean)
+
+
+@pytest.mark.parametrize("t", [50.0, 400.0, 900.0])
+def test_dmd_and_vsd_directions_are_the_analytic_score_difference(t):
+    mu, v, m, u = 1.5, 0.3, -0.5, 2.0  # teacher N(mu, v I); student N(m, u I) with an exact fake score
+    teacher, fake = gaussian(mu, v), gaussian(m, u)
+    gen = torch.Generator().manual_seed(0)
+    x = m + u**0.5 * torch.randn(16, 3, generator=gen, dtype=torch.float64)
+    a, s = (c.item() for c in VP.alpha_sigma(torch.tensor(t)))
+    x_t = VP.add_noise(x, torch.randn(16, 3, generator=gen, dtype=torch.float64), torch.full((16,), t))
+    real, fake_x0 = teacher(x_t, t), fake(x_t, t)
+    exact = analytic_x0(x_t, a, s, m, u) - analytic_x0(x_t, a, s, mu, v)  # methods.md §5
+    torch.testing.assert_close(fake_x0 - real, exact, rtol=1e-10, atol=1e-12)
+    norm = (x - analytic_x0(x_t, a, s, mu, v)).abs().mean(1, keepdim=True)
+    torch.testing.assert_close(dmd_direction(x, real, fake_x0), exact / norm, rtol=1e-10, atol=1e-12)
+    # autograd of the surrogate loss gives the direction (divided by numel)
+    xg = x.clone().requires_grad_(True)
+    dmd_loss(xg, real, fake_x0).backward()
+    torch.testing.assert_close(xg.grad * x.numel(), exact / norm, rtol=1e-10, atol=1e-12)
+    xg.grad = None
+    vsd_loss(xg, real, fake_x0, torch.tensor(a, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)).backward()
+    eps_gap = (x_t - a * analytic_x0(x_t, a, s, mu, v)) / s - (x_t - a * analytic_x0(x_t, a, s, m, u)) / s
+    torch.testing.assert_close(xg.grad * x.numel(), s**2 * eps_gap, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(vsd_direction(real, fake_x0, torch.tensor(a, dtype=torch.float64), torch.tensor(s, dtype=torch.float64), "uniform"), eps_gap,
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_dmd_gradient_moves_a_gaussian_generator_toward_the_teacher():
+    """G(z) = m + sqrt(u)·z with an exact fake score: descending the expected DMD loss moves m toward μ
+    (at u = v) and u toward v (at m = μ) (methods.md §5)."""
+    mu, v = 1.0, 0.25
+    for m0, u0 in [(-1.0, v), (2.5, v), (mu, 1.0), (mu, 0.05)]:
+        m = torch.tensor(m0, dtype=torch.float64, requires_grad=True)
+        log_u = torch.tensor(u0, dtype=torch.float64).log().requires_grad_(True)
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn(4096, 2, generator=gen, dtype=torch.float64)
+        x = m + log_u.exp().sqrt() * z
+        t = torch.randint(20, 980, (4096,), generator=gen).double()
+        x_t = VP.add_noise(x.detach(), torch.randn(4096, 2, generator=gen, dtype=torch.float64), t)
+        teacher, fake = gaussian(mu, v, 2), gaussian(m0, u0, 2)
+        dmd_loss(x, teacher(x_t, t), fake(x_t, t)).backward()
+        if m0 != mu:
+            assert torch.sign(-m.grad) == torch.sign(torch.tensor(mu - m0))
+        else:
+            assert torch.sign(-log_u.grad) == torch.sign(torch.tensor(v - u0))
+
+
+def test_sid_loss_matches_its_formula_and_gradient():
+    mu, v, m, u, alpha = 0.7, 0.4, -0.2, 1.3, 1.2
+    teacher, fake = gaussian(mu, v), gaussian(m, u)
+    gen = torch.Generator().manual_seed(1)
+    x = (m + u**0.5 * torch.randn(8, 3, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    t = torch.full((8,), 300.0)
+    eps = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    a, s = (c.item() for c in VP.alpha_sigma(torch.tensor(300.0)))
+    x_t = VP.add_noise(x, eps, t)
+    loss = sid_loss(x, teacher(x_t, t), fake(x_t, t), alpha)
+    # the formula, by hand (Zhou et al. 2024, eq. 23; official SID_EDMLoss), in closed form
+    xd = x.detach()
+    xt_d = a * xd + s * eps
+    fr, ff = analytic_x0(xt_d, a, s, mu, v), analytic_x0(xt_d, a, s, m, u)
+    norm = (xd - fr).abs().mean(1, keepdim=True)
+    by_hand = ((fr - ff) * ((fr - xd) - alpha * (fr - ff)) / norm).mean()
+    torch.testing.assert_close(loss.detach(), by_hand, rtol=1e-12, atol=1e-14)
+    loss.backward()
+    # d/dx through x_t = a·x + s·ε: both predictions are linear in x_t with slopes k_r, k_f
+    k_r, k_f = a * v / (a**2 * v + s**2), a * u / (a**2 * u + s**2)
+    d_fr, d_ff = a * k_r, a * k_f
+    gap = fr - ff
+    grad = ((d_fr - d_ff) * ((fr - xd) - alpha * gap) + gap * ((d_fr - 1) - alpha * (d_fr - d_ff))) / norm / x.numel()
+    torch.testing.assert_close(x.grad, grad, rtol=1e-10, atol=1e-14)
