@@ -124,6 +124,27 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"{num} samples ({args.sampler}, {len(args.timesteps) if args.timesteps else args.steps} steps) -> {path}")
 
 
+def cmd_pairs(args: argparse.Namespace) -> None:
+    """Make DMD's regression pairs: noise and the teacher's deterministic ODE image from it."""
+    from safetensors.torch import save_file
+
+    from .denoiser import standard_guidance_scale
+    from .pretrained import load_pretrained
+    from .samplers import get_sampler
+    from .trainers.dmd import make_pairs
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise DiffDistillError(f"{output} exists; choose another file or pass --overwrite")
+    get_sampler(args.sampler)
+    w = None if args.guidance_scale is None else standard_guidance_scale(args.guidance_scale, args.guidance_convention)
+    teacher = load_pretrained(args.teacher, guidance_scale=w)
+    pairs = make_pairs(teacher, args.num, args.sampler, args.steps, args.seed)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_file(pairs, str(output))
+    print(f"{args.num} pairs ({args.sampler}, {args.steps} steps) -> {output}; use it as dmd.pairs={output}")
+
+
 def _training_parser(sub, func, config_help: str, output_help: str, override_example: str) -> argparse.ArgumentParser:
     """The options every training command shares: config, output, step cap, dry run, overrides."""
     p = sub.add_parser(func.__name__.removeprefix("cmd_"), help=func.__doc__)
@@ -141,13 +162,25 @@ def _training_parser(sub, func, config_help: str, output_help: str, override_exa
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffdistill", description="Distil diffusion models into few-step generators.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{teacher,distill,sample}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{teacher,distill,pairs,sample}")
 
     p = _training_parser(sub, cmd_teacher, "YAML config (default: built-in digits teacher defaults)",
                          "directory for the diffusers pipeline", "train.steps=100")
     p = _training_parser(sub, cmd_distill, "YAML config naming a method, e.g. configs/digits/progressive.yaml",
                          "run directory (checkpoints, logs, sample grids, config.yaml)", "train.max_steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+
+    p = sub.add_parser("pairs", help=cmd_pairs.__doc__)
+    p.add_argument("--teacher", help="diffusers pipeline directory or Hub id (default: the shipped digits teacher)")
+    p.add_argument("--output", required=True, help="safetensors file to write (noise, images, labels)")
+    p.add_argument("--num", type=int, default=1024)
+    p.add_argument("--sampler", default="heun", help="a deterministic sampler: heun, euler, ddim, dpmpp_2m")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, help="teacher CFG scale (default: the teacher's)")
+    p.add_argument("--guidance-convention", choices=["standard", "delta"], default="standard")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_pairs)
 
     p = sub.add_parser("sample", help=cmd_sample.__doc__)
     p.add_argument("--teacher", help="diffusers pipeline directory or Hub id (default: the shipped digits teacher)")

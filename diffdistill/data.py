@@ -186,8 +186,9 @@ def infinite_batches(loader: DataLoader) -> Iterator[Any]:
 class DataConfig:
     """Training images: the scikit-learn digits (offline) or a folder of images."""
 
-    dataset: Literal["digits", "folder"] = "digits"
+    dataset: Literal["digits", "folder", "analytic"] = "digits"
     path: str | None = option(None, help="image folder (dataset=folder)")
+    mixture: str = option("ring8", help="exact samples of this mixture (dataset=analytic; see diffdistill.toy)")
     resolution: int = option(16, min=8, max=1024)
     channels: int = option(1, min=1, max=4)
 
@@ -198,6 +199,10 @@ class DataConfig:
 
 def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     """The dataset a :class:`DataConfig` names (digits: the ``split``; folders have no split)."""
+    if cfg.dataset == "analytic":
+        from .toy import MixtureDataset
+
+        return MixtureDataset(cfg.mixture)
     if cfg.dataset == "digits":
         if cfg.channels != 1:
             raise ConfigError("the digits data set has one channel: set data.channels=1")
@@ -209,7 +214,7 @@ def random_batch(dataset: Dataset, batch_size: int, generator: torch.Generator) 
     """``batch_size`` items drawn uniformly with replacement; the whole draw is fixed by ``generator``'s
     state, so a training run that saves that state resumes on exactly the same batches."""
     index = torch.randint(len(dataset), (batch_size,), generator=generator)
-    if isinstance(dataset, DigitsDataset):
+    if hasattr(dataset, "images"):  # in-memory tensors (digits, mixtures)
         return dataset.images[index], dataset.labels[index]
     items = [dataset[int(i)] for i in index]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)

@@ -41,6 +41,13 @@ class Pretrained:
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
     vae: nn.Module | None = None
+    #: what students and critics start from when the denoiser has no network (analytic teachers)
+    init_network: nn.Module | None = None
+
+    @property
+    def network(self) -> nn.Module:
+        """The network students and critics are copied from."""
+        return self.init_network if self.init_network is not None else self.denoiser.network
 
     @property
     def num_classes(self) -> int:
@@ -52,6 +59,8 @@ class Pretrained:
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of what the denoiser generates (latents for latent models)."""
+        if "sample_shape" in self.meta:
+            return tuple(self.meta["sample_shape"])
         cfg = self.denoiser.network.config
         size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
         return (cfg.in_channels, *size)
@@ -119,6 +128,10 @@ def load_pretrained(source: str | Path | None = None, *, device: str | torch.dev
                     dtype: torch.dtype = torch.float32, guidance_scale: float | None = None) -> Pretrained:
     """Load a teacher (``None``: the shipped digits teacher) as a frozen :class:`Pretrained` whose
     weights are cast to ``dtype`` (float32 by default, whatever precision they were stored in)."""
+    if str(source).startswith("analytic:"):  # an exact Gaussian-mixture teacher (diffdistill.toy)
+        from .toy import load_toy_teacher
+
+        return load_toy_teacher(str(source).split(":", 1)[1], guidance_scale)
     path = resolve_pretrained(shipped_teacher_path() if source is None else source)
     index_file = path / "model_index.json"
     if not index_file.is_file():

@@ -11,7 +11,8 @@ from diffdistill.teacher import TeacherConfig
 from diffdistill.trainers.method import load_distill_config
 
 REPO = Path(__file__).resolve().parent.parent
-LOADERS = {"teacher": lambda p: load_config(TeacherConfig, p), "digits": load_distill_config}  # configs/<kind>/
+LOADERS = {"teacher": lambda p: load_config(TeacherConfig, p), "digits": load_distill_config,
+           "toy": load_distill_config}  # configs/<kind>/
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")

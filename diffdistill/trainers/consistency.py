@@ -168,8 +168,8 @@ class ConsistencyDistillation(Method):
             raise ValueError(f"consistency needs 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {sigma_max}; "
                              "set consistency.sigma_min / sigma_max")
         self.grid = consistency_grid(schedule, args.num_scales, args.discretisation, self.sigma_min, sigma_max, args.rho)
-        self.student = copy.deepcopy(teacher.denoiser.network).train().requires_grad_(True)
-        self.target = copy.deepcopy(teacher.denoiser.network).eval().requires_grad_(False)
+        self.student = copy.deepcopy(teacher.network).train().requires_grad_(True)
+        self.target = copy.deepcopy(teacher.network).eval().requires_grad_(False)
 
     @staticmethod
     def method_args(cfg) -> ConsistencyArgs:

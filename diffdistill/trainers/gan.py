@@ -36,29 +36,39 @@ class GANArgs:
 
 
 class DiscriminatorHead(nn.Module):
-    """Bottleneck features ``(B, C, h, w)`` (or tokens ``(B, N, C)``) → one realism logit per sample."""
+    """Bottleneck features → one realism logit per sample. Feature maps ``(B, C, h, w)`` (tokens
+    ``(B, N, C)`` are folded to a square map) go through two 3×3 convolutions and a global average;
+    feature vectors ``(B, C)`` (MLP trunks) through a two-layer MLP."""
 
-    def __init__(self, channels: int, hidden: int = 128):
+    def __init__(self, channels: int, hidden: int = 128, spatial: bool = True):
         super().__init__()
-        self.config = {"channels": channels, "hidden": hidden}
-        self.conv = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.GroupNorm(min(32, hidden // 4), hidden),
-                                  nn.SiLU(), nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU())
+        self.config = {"channels": channels, "hidden": hidden, "spatial": spatial}
+        if spatial:
+            self.body = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1),
+                                      nn.GroupNorm(min(32, hidden // 4), hidden), nn.SiLU(),
+                                      nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU())
+        else:
+            self.body = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.float()
+        if not self.config["spatial"]:
+            return self.out(self.body(features)).squeeze(1)
         if features.ndim == 3:  # transformer tokens: a square grid
             b, n, c = features.shape
             side = int(round(n**0.5))
             features = features.transpose(1, 2).reshape(b, c, side, n // side)
-        return self.out(self.conv(features.float()).mean(dim=(2, 3))).squeeze(1)
+        return self.out(self.body(features).mean(dim=(2, 3))).squeeze(1)
 
-
-def feature_channels(source: Denoiser, shape: tuple[int, ...], cond: Conditioning, device) -> int:
-    """Channels of ``source``'s bottleneck features, from one probe pass."""
-    with torch.no_grad():
-        x = torch.zeros((1, *shape), device=device)
-        _, feats = source.denoise_with_features(x, source.schedule.t_max, cond)
-    return feats.shape[1] if feats.ndim == 4 else feats.shape[-1]
+    @classmethod
+    def for_source(cls, source: Denoiser, shape: tuple[int, ...], cond: Conditioning, device) -> "DiscriminatorHead":
+        """A head sized for ``source``'s bottleneck, from one probe pass."""
+        with torch.no_grad():
+            _, feats = source.denoise_with_features(torch.zeros((1, *shape), device=device), source.schedule.t_max, cond)
+        if feats.ndim == 2:
+            return cls(feats.shape[1], spatial=False)
+        return cls(feats.shape[1] if feats.ndim == 4 else feats.shape[-1])
 
 
 def gan_noise(schedule, x: torch.Tensor, max_time_fraction: float, generator: torch.Generator

@@ -71,7 +71,7 @@ class ImprovedConsistencyTraining(Method):
         schedule = teacher.denoiser.schedule
         self.sigma_min = max(a.sigma_min or 0.002, float(schedule.sigma(schedule.t_min)))
         self.sigma_max = min(a.sigma_max, float(schedule.sigma(schedule.t_max)))
-        net = teacher.denoiser.network
+        net = teacher.network
         if a.init == "teacher":
             self.student = copy.deepcopy(net)
         else:

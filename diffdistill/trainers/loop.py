@@ -214,6 +214,8 @@ class Trainer:
         """One PNG per step count in ``sample_steps`` from the first EMA copy; columns are classes."""
         decay = self.cfg.train.ema_decays[0] if self.ema else None
         student = self.method.student_denoiser(self.ema[decay] if decay is not None else self.roles["student"])
+        if len(self.method.teacher.sample_shape) != 3:  # not images (e.g. 2-D toy data)
+            return []
         classes = self.method.teacher.num_classes
         num = num_per_class * max(classes, 1) if classes else 16
         cond = Conditioning(class_labels=torch.arange(num) % classes) if classes else None

@@ -136,7 +136,7 @@ class Method:
         from ..adapters import build_adapter
 
         den = self.teacher.denoiser
-        return build_adapter(network, den.schedule, den.prediction_type, {"null_class": den.null_class},
+        return build_adapter(network, den.schedule, den.prediction_type, {"null_class": getattr(den, "null_class", None)},
                              timestep_scale=den.timestep_scale)
 
     def student_timesteps(self, num_steps: int) -> list[float]:

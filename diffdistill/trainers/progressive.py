@@ -102,7 +102,7 @@ class ProgressiveDistillation(Method):
         self.args = cfg.progressive
         self.num_rounds = int(round(math.log2(self.args.initial_steps / self.args.final_steps)))
         self.round = 0
-        self.student = copy.deepcopy(teacher.denoiser.network).train().requires_grad_(True)
+        self.student = copy.deepcopy(teacher.network).train().requires_grad_(True)
         self.round_teacher: nn.Module | None = None
 
     # roles

@@ -32,8 +32,8 @@ from ..config import option
 from ..denoiser import Conditioning, Denoiser
 from ..samplers.base import renoise
 from .critic import CriticArgs, build_critic_network, score_matching_loss
-from .gan import (DiscriminatorHead, GANArgs, approx_r1_penalty, discriminator_loss, feature_channels, gan_noise,
-                  generator_loss, r1_penalty, realism_logits)
+from .gan import (DiscriminatorHead, GANArgs, approx_r1_penalty, discriminator_loss, gan_noise, generator_loss,
+                  r1_penalty, realism_logits)
 from .method import DistillConfig, Method, OptimConfig, Phase
 
 
@@ -80,7 +80,7 @@ class ScoreDistillation(Method):
             from ..errors import ConfigError
 
             raise ConfigError(f"{self.name} is data-free: a GAN needs real images; set gan.enabled=false")
-        network = teacher.denoiser.network
+        network = teacher.network
         self.student = copy.deepcopy(network).float().train().requires_grad_(True)
         self.critic = build_critic_network(network, cfg.critic)
         self.head: DiscriminatorHead | None = None
@@ -88,10 +88,10 @@ class ScoreDistillation(Method):
             device = next(network.parameters()).device
             cond = Conditioning(class_labels=torch.zeros(1, dtype=torch.long, device=device)) if teacher.num_classes \
                 else Conditioning()
-            channels = feature_channels(self.gan_source(), teacher.sample_shape, cond, device)
             with torch.random.fork_rng(devices=[]):  # the head's init depends on the run's seed only
                 torch.manual_seed(cfg.train.seed)
-                self.head = DiscriminatorHead(channels).to(device)
+                self.head = DiscriminatorHead.for_source(self.gan_source(), teacher.sample_shape, cond, device)
+            self.head.to(device)
         self.timesteps = torch.tensor(self.student_timesteps(cfg.generator.student_steps), dtype=torch.float64)
 
     # --- roles --------------------------------------------------------------------------------
