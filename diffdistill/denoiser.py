@@ -153,10 +153,41 @@ class Denoiser(nn.Module):
             pred = self.forward(x_t, t, cond, guidance_scale=1.0, output=output)
         return pred, captured[0]
 
+    def features(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Conditioning | None = None
+                 ) -> torch.Tensor:
+        """The bottleneck features alone: the forward stops once :attr:`feature_module` has run, so the
+        rest of the network (a UNet's decoder) costs nothing — what DMD2's GAN reads ("return_bottleneck").
+
+        The stop is an exception raised by a forward hook and caught here; the network's code is untouched
+        and the autograd graph up to the features is kept.
+        """
+        if self.feature_module is None:
+            raise DiffDistillError(f"{type(self).__name__} exposes no intermediate features")
+
+        def stop(_module, _inputs, out):
+            raise _FeaturesReady(out[0] if isinstance(out, tuple) else out)
+
+        handle = self.feature_module.register_forward_hook(stop)
+        try:
+            self.predict(x_t, self._batch_times(t, x_t), cond if cond is not None else Conditioning())
+        except _FeaturesReady as ready:
+            return ready.features
+        finally:
+            handle.remove()
+        raise DiffDistillError(f"{type(self).__name__}: the feature module did not run")
+
     @staticmethod
     def _batch_times(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
         return t.expand(x.shape[0]).clone() if t.ndim == 0 else t
+
+
+class _FeaturesReady(Exception):
+    """Carries the bottleneck features out of a forward pass stopped early (see :meth:`Denoiser.features`)."""
+
+    def __init__(self, features: torch.Tensor):
+        super().__init__("features ready")
+        self.features = features
 
 
 @contextmanager

@@ -97,6 +97,32 @@ def test_features_hook_returns_bottleneck_and_leaves_output_unchanged(randomize_
     assert not den.feature_module._forward_hooks  # the hook is removed again
 
 
+@pytest.mark.parametrize("build", ["unet", "cond_unet", "dit"])
+def test_features_alone_stop_at_the_bottleneck_and_keep_gradients(build, randomize_weights):
+    schedule = VPSchedule.from_scheduler_config(SCHEDULER_CONFIGS["linear"])
+    if build == "unet":
+        den = UNet2DDenoiser(randomize_weights(tiny_unet(num_class_embeds=4)), schedule, "epsilon", null_class=3)
+        x, cond, later = torch.randn(2, 1, 8, 8), Conditioning(class_labels=torch.tensor([1, 2])), "up_blocks"
+    elif build == "cond_unet":
+        den = UNet2DConditionDenoiser(randomize_weights(tiny_cond_unet()), schedule, "epsilon")
+        x, cond, later = torch.randn(2, 2, 8, 8), Conditioning(encoder_hidden_states=torch.randn(2, 5, 12)), "up_blocks"
+    else:
+        den = build_adapter(randomize_weights(tiny_dit()), schedule, "epsilon")
+        x, cond, later = torch.randn(2, 2, 8, 8), Conditioning(class_labels=torch.tensor([0, 4])), "proj_out_2"
+    calls = []
+    getattr(den.network, later).register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        _, reference = den.denoise_with_features(x, 300.0, cond)
+    calls.clear()
+    xg = x.clone().requires_grad_(True)
+    feats = den.features(xg, 300.0, cond)
+    torch.testing.assert_close(feats, reference)
+    assert not calls  # what follows the bottleneck never ran
+    feats.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    assert not den.feature_module._forward_hooks
+
+
 def test_text_conditioned_adapter_and_cfg(randomize_weights):
     unet = randomize_weights(tiny_cond_unet())
     den = UNet2DConditionDenoiser(unet, VPSchedule.from_scheduler_config(SCHEDULER_CONFIGS["scaled_linear"]), "epsilon")

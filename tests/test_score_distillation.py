@@ -240,3 +240,22 @@ def test_analytic_teacher_runs_through_the_loop(tmp_path, monkeypatch):
     assert all(torch.isfinite(torch.tensor(v)) for t in terms for v in t.values())
     x = m.sample_student((torch.zeros(5, 2), Conditioning()), torch.Generator().manual_seed(0), grad=False)[0]
     assert x.shape == (5, 2)
+
+
+@pytest.mark.parametrize("inputs", ["backward_simulation", "noised_data"])
+def test_student_inputs_switch(inputs, tiny_teacher_dir, tmp_path, monkeypatch):
+    """Training the last of K = 4 student steps: backward simulation runs the student's own chain from noise
+    (3 re-noised denoising steps without gradient, then the trained step); noised data noises real images
+    to t_3 and needs one student call."""
+    trainer = Trainer(tiny("dmd2", tiny_teacher_dir, "generator.student_steps=4", f"generator.student_inputs={inputs}"),
+                      tmp_path / "run", progress=False)
+    m = trainer.method
+    assert m.timesteps.tolist() == m.student_timesteps(4) and len(m.timesteps) == 4
+    calls = []
+    m.student.register_forward_hook(lambda mod, args, out: calls.append(torch.is_grad_enabled()))
+    real = torch.randn(3, *m.teacher.sample_shape)
+    monkeypatch.setattr(torch, "randint", lambda high, size, generator=None, **kw: torch.tensor(high - 1))
+    cond = Conditioning(class_labels=torch.tensor([0, 1, 2]))
+    x, _ = m.sample_student((real, cond), torch.Generator().manual_seed(0), grad=True)
+    assert x.requires_grad and x.shape == real.shape
+    assert calls == ([False, False, False, True] if inputs == "backward_simulation" else [True])

@@ -65,7 +65,7 @@ class DiscriminatorHead(nn.Module):
     def for_source(cls, source: Denoiser, shape: tuple[int, ...], cond: Conditioning, device) -> "DiscriminatorHead":
         """A head sized for ``source``'s bottleneck, from one probe pass."""
         with torch.no_grad():
-            _, feats = source.denoise_with_features(torch.zeros((1, *shape), device=device), source.schedule.t_max, cond)
+            feats = source.features(torch.zeros((1, *shape), device=device), source.schedule.t_max, cond)
         if feats.ndim == 2:
             return cls(feats.shape[1], spatial=False)
         return cls(feats.shape[1] if feats.ndim == 4 else feats.shape[-1])
@@ -82,8 +82,7 @@ def gan_noise(schedule, x: torch.Tensor, max_time_fraction: float, generator: to
 def realism_logits(source: Denoiser, head: DiscriminatorHead, x: torch.Tensor, cond: Conditioning,
                    t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Noise ``x`` to ``t`` with ``eps``, read ``source``'s bottleneck, and score it with ``head``."""
-    _, feats = source.denoise_with_features(source.schedule.add_noise(x, eps, t), t, cond)
-    return head(feats)
+    return head(source.features(source.schedule.add_noise(x, eps, t), t, cond))
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
