@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, help="cap every method's training steps")
     parser.add_argument("--num", type=int, default=1000, help="generated samples per FD")
     parser.add_argument("--runs", default="runs/bench", help="where the runs go")
+    parser.add_argument("overrides", nargs="*", help="key=value applied to every config")
     args = parser.parse_args()
     torch.manual_seed(0)
     classifier = load_digits_classifier()
@@ -73,7 +74,7 @@ def main() -> None:
                                  spacing="trailing", cond=cond, seed=1), classifier, ref) for n in (*STEPS, 50)}
     print(f"teacher evaluated in {time.perf_counter() - t0:.0f}s", flush=True)
     for method in args.methods.split(","):
-        cfg = load_distill_config(str(REPO / "configs/digits" / f"{method}.yaml"), ["train.sample_every=0"])
+        cfg = load_distill_config(str(REPO / "configs/digits" / f"{method}.yaml"), [*args.overrides, "train.sample_every=0"])
         run = Path(args.runs) / method
         start = time.perf_counter()
         trainer = Trainer(cfg, run, max_steps=args.max_steps)

@@ -75,6 +75,8 @@ class ToyMLPDenoiser(DiffusersDenoiser):
         return self.network(x, tt)
 
 
+#: the size of the MLP students and critics start from
+NETWORK = {"hidden": 256, "depth": 4}
 #: optimizer steps of :func:`fit_toy_network` when a run loads ``analytic:NAME`` (about 20 s on one core)
 FIT_STEPS = 3000
 
@@ -86,7 +88,7 @@ def fit_toy_network(name: str, steps: int = FIT_STEPS, batch_size: int = 512, se
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = ToyMLP(dim=mix.dim)
+        net = ToyMLP(dim=mix.dim, **NETWORK)
     den = ToyMLPDenoiser(net, schedule, "v")
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
