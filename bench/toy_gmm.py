@@ -4,7 +4,7 @@
 
 For each config (a method run with ``teacher: analytic:ring8``) it trains the student through the normal
 loop, then prints one table: the sliced Wasserstein-2 distance (256 projections) of ``--num`` student
-samples (1 step, EMA weights) to 50 000 exact mixture samples, beside the same distance for the exact
+samples (1 step, EMA weights) to 200 000 exact mixture samples, beside the same distance for the exact
 teacher's own 100-step Heun ODE samples and the ratio of the two (and, as the estimator's floor, for
 ``--num`` fresh exact mixture samples); the share of samples within 3 standard
 deviations of some mode; the fewest samples any mode received (mode coverage: every mode should get
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(str(p) for p in sorted((REPO / "configs/toy").glob("*.yaml"))))
     parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--num", type=int, default=20000)
+    parser.add_argument("--num", type=int, default=100000)
     parser.add_argument("--runs", default="runs/bench_toy")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every config")
     args = parser.parse_args()
@@ -60,7 +60,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         m = trainer.method
         mix = mixture(cfg.data.mixture)
-        ref = mix.sample(50000, generator=torch.Generator().manual_seed(123))[0]
+        ref = mix.sample(200000, generator=torch.Generator().manual_seed(123))[0]
         if teacher_row is None:
             exact = generate(m.teacher.denoiser, (mix.dim,), args.num, sampler="heun", num_steps=100, seed=1)
             teacher_row = (sw2(exact, ref), *modes(exact, mix))
@@ -78,7 +78,7 @@ def main() -> None:
     for name, method, steps, seconds, s, near, least in rows:
         print(f"| {name} | {method} | {steps} | {seconds:.0f} s | {s:.4f} | {t_sw2:.4f} | {s / t_sw2:.2f} | "
               f"{near:.1%} (exact {t_near:.1%}) | {least} (exact {t_min}) |")
-    print(f"\n{args.num} samples each vs 50000 exact mixture samples; sliced W2 with 256 projections; "
+    print(f"\n{args.num} samples each vs 200000 exact mixture samples; sliced W2 with 256 projections; "
           f"{args.num} fresh exact samples score {floor:.4f} (the estimator's floor).")
 
 
