@@ -230,8 +230,8 @@ def test_analytic_teacher_runs_through_the_loop(tmp_path, monkeypatch):
     from diffdistill.analytic import GaussianMixtureDenoiser
 
     monkeypatch.setattr(toy, "FIT_STEPS", 20)
-    cfg = load_distill_config(str(REPO / "configs/toy/dmd2.yaml"), ["train.max_steps=2", "train.batch_size=16",
-                                                                     "critic.updates=2"])
+    cfg = load_distill_config(str(REPO / "configs/toy/dmd2.yaml"), [
+        "train.max_steps=2", "train.batch_size=16", "gan.enabled=true", "critic.updates=2"])  # the MLP head too
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     m = trainer.method
     assert isinstance(m.teacher.denoiser, GaussianMixtureDenoiser) and m.teacher.sample_shape == (2,)
