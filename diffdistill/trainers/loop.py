@@ -74,11 +74,10 @@ class Trainer:
         self.roles = self.method.trainable_roles()
         if "student" not in self.roles:
             raise DiffDistillError(f"method {cfg.method} declares no 'student' role")
-        self.optimizers, self.schedulers, self.params = {}, {}, {}
+        self.optimizers, self.schedulers = {}, {}
         for role, module in self.roles.items():
             oc = self.method.optim_config(role)
             params = [p for p in module.parameters() if p.requires_grad]  # a LoRA critic trains adapters only
-            self.params[role] = params
             opt = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
             self.optimizers[role] = opt
             self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(oc, cfg.train.max_steps))
@@ -106,7 +105,8 @@ class Trainer:
         return {k: t for k, t in module.state_dict().items() if k not in shared}
 
     def save(self) -> Path:
-        state = {"step": self.step, "ema_start": self.ema_start, "generator": self.generator.get_state(), "method": self.method.state_dict(),
+        state = {"step": self.step, "ema_start": self.ema_start, "generator": self.generator.get_state(),
+                 "method": self.method.state_dict(),
                  "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
                  "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()}}
         nets = {stem: self._own_state(m) for stem, m in self.networks().items()}
@@ -149,13 +149,12 @@ class Trainer:
                     self.accelerator.backward(terms["loss"] / accum)
                     for k, v in terms.items():
                         logged[f"{phase.name}/{k}"] = logged.get(f"{phase.name}/{k}", 0.0) + v.item() / accum / phase.repeat
-                for role in roles:
+                for role in roles:  # only these roles' weights received gradients
                     if self.cfg.train.grad_clip > 0:
-                        self.accelerator.clip_grad_norm_(self.roles[role].parameters(), self.cfg.train.grad_clip)
+                        self.accelerator.clip_grad_norm_(self._params(role), self.cfg.train.grad_clip)
                     self.optimizers[role].step()
                     self.schedulers[role].step()
-                for module in self.roles.values():  # every role: a phase's loss may reach other roles' weights
-                    module.zero_grad(set_to_none=True)
+                    self.optimizers[role].zero_grad(set_to_none=True)
         self._trainable(tuple(self.roles))
         for decay, ema in self.ema.items():
             ema_update(ema, self.roles["student"], ema_decay(decay, self.step + 1 - self.ema_start,
@@ -167,9 +166,13 @@ class Trainer:
         self.step += 1
         return logged
 
+    def _params(self, role: str) -> list[torch.Tensor]:
+        """The weights ``role``'s optimizer trains."""
+        return [p for group in self.optimizers[role].param_groups for p in group["params"]]
+
     def _trainable(self, roles: tuple[str, ...]) -> None:
-        for role, params in self.params.items():
-            for p in params:
+        for role in self.optimizers:
+            for p in self._params(role):
                 p.requires_grad_(role in roles)
 
     # --- the run -------------------------------------------------------------------------------
