@@ -164,7 +164,8 @@ class NoiseSchedule(ABC):
 
     @abstractmethod
     def time_at_fraction(self, u: torch.Tensor) -> torch.Tensor:
-        """The native time a fraction ``u ∈ [0, 1]`` of the way from the least to the most noisy level.
+        """The native time a fraction ``u ∈ [0, 1]`` of the way from the least to the most noisy level,
+        always within ``[t_min, t_max]`` (``u`` is clamped to ``[0, 1]``).
 
         This is how the distribution-matching methods state their time ranges schedule-free (DMD's
         ``min_step_percent = 0.02``, ``max_step_percent = 0.98``): VP ``round(u·(T − 1))`` (DMD's integer
@@ -372,7 +373,7 @@ class EDMSchedule(NoiseSchedule):
 
     def time_at_fraction(self, u: torch.Tensor) -> torch.Tensor:
         lo, hi = self.t_min ** (1 / self.rho), self.t_max ** (1 / self.rho)
-        return (lo + _as_f64(u).clamp(0, 1) * (hi - lo)) ** self.rho
+        return ((lo + _as_f64(u).clamp(0, 1) * (hi - lo)) ** self.rho).clamp(self.t_min, self.t_max)  # rounding
 
     def to_config(self) -> dict[str, Any]:
         return {"family": self.family, "sigma_min": self.t_min, "sigma_max": self.t_max,

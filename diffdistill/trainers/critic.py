@@ -89,7 +89,7 @@ def score_matching_loss(critic: Denoiser, x0: torch.Tensor, cond: Conditioning, 
     x0 = x0.detach()
     schedule = critic.schedule
     u = torch.rand(len(x0), generator=generator, dtype=torch.float64)
-    t = schedule.time_at_fraction(u).clamp(min=schedule.t_min).to(x0.device)
+    t = schedule.time_at_fraction(u).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     pred = critic(schedule.add_noise(x0, eps, t), t, cond, guidance_scale=1.0)
     weight = per_sample(score_matching_weight(critic, t, weighting), x0).flatten()

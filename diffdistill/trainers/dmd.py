@@ -79,12 +79,7 @@ class DMD(ScoreDistillation):
         self.pairs = load_or_make_pairs(teacher, cfg.dmd) if cfg.dmd.regression_weight > 0 else None
 
     def generator_terms(self, x, t, eps, cond, batch, generator):
-        schedule = self.teacher.denoiser.schedule
-        x_t = schedule.add_noise(x.detach(), eps, t)
-        with torch.no_grad():
-            x0_real = self.teacher.denoiser(x_t, t, cond)
-            x0_fake = self.critic_denoiser()(x_t, t, cond, guidance_scale=1.0)
-        terms = {"distribution_matching": dmd_loss(x, x0_real, x0_fake)}
+        terms = {"distribution_matching": dmd_loss(x, *self.score_predictions(x, t, eps, cond))}
         loss = terms["distribution_matching"]
         if self.pairs is not None:
             terms["regression"] = reg = self.regression(len(x), x.device, generator)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from .distribution_matching import dmd_loss
 from .gan import GANArgs
 from .method import register_method
@@ -35,9 +33,5 @@ class DMD2(ScoreDistillation):
     config_class = DMD2Config
 
     def generator_terms(self, x, t, eps, cond, batch, generator):
-        x_t = self.teacher.denoiser.schedule.add_noise(x.detach(), eps, t)
-        with torch.no_grad():
-            x0_real = self.teacher.denoiser(x_t, t, cond)
-            x0_fake = self.critic_denoiser()(x_t, t, cond, guidance_scale=1.0)
-        loss = dmd_loss(x, x0_real, x0_fake)
+        loss = dmd_loss(x, *self.score_predictions(x, t, eps, cond))
         return {"distribution_matching": loss, "loss": loss}

@@ -75,7 +75,7 @@ def gan_noise(schedule, x: torch.Tensor, max_time_fraction: float, generator: to
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """A time uniform in ``[0, max_time_fraction]`` of the schedule and a noise draw for each of ``x``."""
     u = torch.rand(len(x), generator=generator, dtype=torch.float64) * max_time_fraction
-    t = schedule.time_at_fraction(u).clamp(min=schedule.t_min).to(x.device)
+    t = schedule.time_at_fraction(u).to(x.device)
     return t, torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 

@@ -139,8 +139,7 @@ class ScoreDistillation(Method):
         g = self.cfg.generator
         u = g.t_min_fraction + (g.t_max_fraction - g.t_min_fraction) * torch.rand(n, generator=generator,
                                                                                 dtype=torch.float64)
-        schedule = self.teacher.denoiser.schedule
-        return schedule.time_at_fraction(u).clamp(min=schedule.t_min)
+        return self.teacher.denoiser.schedule.time_at_fraction(u)
 
     # --- the work ------------------------------------------------------------------------------
     def loss(self, phase, batch, step, generator) -> dict[str, torch.Tensor]:
@@ -184,6 +183,15 @@ class ScoreDistillation(Method):
             terms["gan_generator"] = g = generator_loss(fake)
             loss = loss + gan.generator_weight * g
         return {**{k: v.detach() for k, v in terms.items()}, "loss": loss}
+
+    def score_predictions(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: Conditioning, *,
+                          through: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x̂_real, x̂_fake)`` at ``x_t = a·x + s·ε``: the guided teacher's and the critic's x0. Without
+        gradient (DMD, VSD: their losses use them as constants), or with ``through=True`` keeping the graph
+        from both outputs back to ``x`` (SiD)."""
+        x_t = self.teacher.denoiser.schedule.add_noise(x if through else x.detach(), eps, t)
+        with torch.set_grad_enabled(through and torch.is_grad_enabled()):
+            return self.teacher.denoiser(x_t, t, cond), self.critic_denoiser()(x_t, t, cond, guidance_scale=1.0)
 
     def generator_terms(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: Conditioning,
                         batch, generator: torch.Generator) -> dict[str, torch.Tensor]:

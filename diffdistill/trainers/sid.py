@@ -37,8 +37,5 @@ class SiD(ScoreDistillation):
     uses_data = False
 
     def generator_terms(self, x, t, eps, cond, batch, generator):
-        x_t = self.teacher.denoiser.schedule.add_noise(x, eps, t)
-        x0_real = self.teacher.denoiser(x_t, t, cond)
-        x0_fake = self.critic_denoiser()(x_t, t, cond, guidance_scale=1.0)
-        loss = sid_loss(x, x0_real, x0_fake, self.cfg.sid.alpha)
+        loss = sid_loss(x, *self.score_predictions(x, t, eps, cond, through=True), self.cfg.sid.alpha)
         return {"score_identity": loss, "loss": loss}

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 from ..samplers.base import per_sample
 from .distribution_matching import vsd_loss
 from .method import register_method
@@ -39,11 +37,6 @@ class VSD(ScoreDistillation):
     uses_data = False
 
     def generator_terms(self, x, t, eps, cond, batch, generator):
-        schedule = self.teacher.denoiser.schedule
-        x_t = schedule.add_noise(x.detach(), eps, t)
-        with torch.no_grad():
-            x0_real = self.teacher.denoiser(x_t, t, cond)
-            x0_fake = self.critic_denoiser()(x_t, t, cond, guidance_scale=1.0)
-        a, s = (per_sample(c, x) for c in schedule.alpha_sigma(t))
-        loss = vsd_loss(x, x0_real, x0_fake, a, s, self.cfg.vsd.weighting)
+        a, s = (per_sample(c, x) for c in self.teacher.denoiser.schedule.alpha_sigma(t))
+        loss = vsd_loss(x, *self.score_predictions(x, t, eps, cond), a, s, self.cfg.vsd.weighting)
         return {"variational_score": loss, "loss": loss}
