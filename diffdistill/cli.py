@@ -145,6 +145,76 @@ def cmd_pairs(args: argparse.Namespace) -> None:
     print(f"{args.num} pairs ({args.sampler}, {args.steps} steps) -> {output}; use it as dmd.pairs={output}")
 
 
+def _seeds(text: str) -> list[int]:
+    """``3`` → seeds 0, 1, 2; ``0,5,9`` → exactly those."""
+    return _csv_ints(text) if "," in text else list(range(int(text)))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Score a run's student beside its teacher (or any model) with FID, KID and precision/recall."""
+    from .data import DataConfig
+    from .eval.evaluate import METRICS_FILE, EvalOptions
+    from .eval.jobs import SWEEP_FILE, evaluate_model, evaluate_run, sweep_checkpoints
+
+    opts = EvalOptions(num=args.num, seeds=args.seeds, batch_size=args.batch_size, device=_device(args.device),
+                       torchmetrics_check=args.torchmetrics_check, progress=not args.quiet)
+    common = dict(features=args.features, feature_weights=args.feature_weights, split=args.split,
+                  refresh_reference=args.refresh_reference)
+    if args.model:
+        if not args.output:
+            raise ConfigError("eval --model needs --output DIR for metrics.json")
+        data = DataConfig(dataset="folder", path=args.data_path, resolution=args.resolution,
+                          channels=args.channels) if args.data_path else None
+        metrics = evaluate_model(args.model, args.steps, opts, args.output, sampler=args.sampler,
+                                 spacing=args.spacing, data=data, **common)
+        print(f"FID {metrics['model']['fid']} -> {Path(args.output) / METRICS_FILE}")
+        return
+    teacher_steps = [] if args.teacher_steps == [0] else (args.teacher_steps or sorted({*args.steps, 50}))
+    kwargs = dict(teacher_sampler=args.sampler, teacher_spacing=args.spacing, ema=not args.no_ema,
+                  output=args.output, **common)
+    if args.all_checkpoints:
+        table = sweep_checkpoints(args.run, args.steps, teacher_steps, opts, **kwargs)
+        print(f"best checkpoint per step count: {table['best']} -> {Path(args.output or args.run) / SWEEP_FILE}")
+        return
+    metrics = evaluate_run(args.run, args.steps, teacher_steps, opts, checkpoint=args.checkpoint, **kwargs)
+    lines = [f"{who} FID: " + ", ".join(f"{n} step(s) {v:.4f}" for n, v in metrics[who]["fid"].items())
+             for who in ("student", "teacher") if who in metrics]
+    print("\n".join(lines) + f"\n-> {Path(args.output or args.run) / METRICS_FILE}")
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help=cmd_eval.__doc__)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", help="a distillation run directory: its student beside its teacher")
+    what.add_argument("--model", help="any teacher or exported pipeline directory (or Hub id), on its own")
+    p.add_argument("--steps", type=_csv_ints, default=[1, 2, 4], help="student (or --model) step counts (default 1,2,4)")
+    p.add_argument("--teacher-steps", type=_csv_ints,
+                   help="teacher step counts in the same run (default: --steps and 50; 0 skips the teacher)")
+    p.add_argument("--num", type=int, default=2000, help="generated samples per step count and seed (default 2000)")
+    p.add_argument("--seeds", type=_seeds, default=[0], help="a count (3 → seeds 0,1,2) or a list 0,5,9 (default 1)")
+    p.add_argument("--sampler", default="ddim", help="the teacher's (or --model's) sampler (default ddim)")
+    p.add_argument("--spacing", default="trailing", help="its timestep spacing (default trailing)")
+    p.add_argument("--features", help="digits, inception-clean or inception-legacy_tensorflow "
+                                      "(default: digits for digits data, else inception-clean)")
+    p.add_argument("--feature-weights", "--inception-weights", dest="feature_weights",
+                   help="local weights for the feature network (clean-fid's inception-2015-12-05.pt, or a "
+                        "digits classifier file)")
+    p.add_argument("--split", default="train", help="reference split of the data (digits: train or test)")
+    p.add_argument("--refresh-reference", action="store_true", help="recompute the cached reference statistics")
+    p.add_argument("--checkpoint", help="evaluate this checkpoint (e.g. step_0000400) instead of the newest")
+    p.add_argument("--all-checkpoints", action="store_true", help="sweep every checkpoint into one table")
+    p.add_argument("--no-ema", action="store_true", help="the raw student weights instead of the first EMA copy")
+    p.add_argument("--torchmetrics-check", action="store_true", help="also compute FID with torchmetrics")
+    p.add_argument("--data-path", help="--model: an image folder as reference data (default: the digits)")
+    p.add_argument("--resolution", type=int, default=16, help="--data-path: image resolution")
+    p.add_argument("--channels", type=int, default=3, help="--data-path: image channels")
+    p.add_argument("--output", help="where metrics.json, grids and the plot go (default: the run directory)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+
 def _training_parser(sub, func, config_help: str, output_help: str, override_example: str) -> argparse.ArgumentParser:
     """The options every training command shares: config, output, step cap, dry run, overrides."""
     p = sub.add_parser(func.__name__.removeprefix("cmd_"), help=func.__doc__)
@@ -162,7 +232,7 @@ def _training_parser(sub, func, config_help: str, output_help: str, override_exa
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffdistill", description="Distil diffusion models into few-step generators.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{teacher,distill,pairs,sample}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{teacher,distill,pairs,sample,eval}")
 
     p = _training_parser(sub, cmd_teacher, "YAML config (default: built-in digits teacher defaults)",
                          "directory for the diffusers pipeline", "train.steps=100")
@@ -201,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-tensors", help="also write the images (and labels) to this safetensors file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
+    _eval_parser(sub)
     return parser
 
 

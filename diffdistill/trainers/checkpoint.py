@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..errors import DiffDistillError
 
@@ -95,3 +96,18 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
                                "resume from an older one")
     networks = {p.stem: load_file(p) for p in sorted(path.glob("*.safetensors"))}
     return networks, torch.load(path / STATE_FILE, weights_only=True)
+
+
+def shared_keys(module: nn.Module, frozen: nn.Module) -> set[str]:
+    """State keys of ``module`` whose tensors are ``frozen``'s own objects (a LoRA critic's base weights
+    are the teacher's): checkpoints leave them out."""
+    ids = {id(t) for t in frozen.state_dict(keep_vars=True).values()}
+    return {k for k, t in module.state_dict(keep_vars=True).items() if id(t) in ids}
+
+
+def load_network_state(module: nn.Module, state: dict[str, torch.Tensor], frozen: nn.Module, what: str) -> None:
+    """Load a checkpointed ``state`` into ``module``; exactly the keys shared with ``frozen`` may be absent."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != shared_keys(module, frozen):
+        raise DiffDistillError(f"{what} does not fit this run's network (missing {sorted(set(missing))[:3]}, "
+                               f"unexpected {unexpected[:3]}); was it made by another method or config?")

@@ -27,7 +27,7 @@ from ..grid import save_grid
 from ..pretrained import load_pretrained
 from ..samplers import generate
 from .ema import ema_decay, ema_update
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_network_state, save_checkpoint, shared_keys
 from .method import DistillConfig, Method, OptimConfig, get_method
 
 CONFIG_FILE = "config.yaml"
@@ -94,14 +94,9 @@ class Trainer:
         nets.update({f"ema_{d:g}": m for d, m in self.ema.items()})
         return nets
 
-    def _shared_keys(self, module: nn.Module) -> set[str]:
-        """State keys of ``module`` whose tensors are the frozen teacher's own (a LoRA critic's base)."""
-        teacher = {id(t) for t in self.method.teacher.denoiser.state_dict(keep_vars=True).values()}
-        return {k for k, t in module.state_dict(keep_vars=True).items() if id(t) in teacher}
-
     def _own_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """``module``'s state without the teacher's tensors: the frozen teacher is never checkpointed."""
-        shared = self._shared_keys(module)
+        shared = shared_keys(module, self.method.teacher.denoiser)
         return {k: t for k, t in module.state_dict().items() if k not in shared}
 
     def save(self) -> Path:
@@ -118,10 +113,7 @@ class Trainer:
         for stem, module in self.networks().items():
             if stem not in nets:
                 raise DiffDistillError(f"checkpoint {path} has no '{stem}' weights; was it made by another method?")
-            missing, unexpected = module.load_state_dict(nets[stem], strict=False)
-            if unexpected or set(missing) != self._shared_keys(module):
-                raise DiffDistillError(f"checkpoint {path}: '{stem}' weights do not fit this run's network "
-                                       f"(missing {sorted(set(missing))[:3]}, unexpected {unexpected[:3]})")
+            load_network_state(module, nets[stem], self.method.teacher.denoiser, f"checkpoint {path}: '{stem}' weights")
         for role, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][role])
             self.schedulers[role].load_state_dict(state["schedulers"][role])
