@@ -160,6 +160,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
                        torchmetrics_check=args.torchmetrics_check, progress=not args.quiet)
     common = dict(features=args.features, feature_weights=args.feature_weights, split=args.split,
                   refresh_reference=args.refresh_reference)
+    if args.prompts:
+        from .eval.clip_score import ClipScorer, read_prompts
+
+        common["prompts"] = read_prompts(args.prompts)
+        common["clip"] = ClipScorer.from_pretrained(args.clip_model, args.clip_pretrained, device=opts.device)
     if args.model:
         if not args.output:
             raise ConfigError("eval --model needs --output DIR for metrics.json")
@@ -173,6 +178,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     kwargs = dict(teacher_sampler=args.sampler, teacher_spacing=args.spacing, ema=not args.no_ema,
                   output=args.output, **common)
     if args.all_checkpoints:
+        if args.prompts:
+            raise ConfigError("--all-checkpoints does not take --prompts yet; evaluate checkpoints one by one")
         table = sweep_checkpoints(args.run, args.steps, teacher_steps, opts, **kwargs)
         print(f"best checkpoint per step count: {table['best']} -> {Path(args.output or args.run) / SWEEP_FILE}")
         return
@@ -205,6 +212,11 @@ def _eval_parser(sub) -> None:
     p.add_argument("--all-checkpoints", action="store_true", help="sweep every checkpoint into one table")
     p.add_argument("--no-ema", action="store_true", help="the raw student weights instead of the first EMA copy")
     p.add_argument("--torchmetrics-check", action="store_true", help="also compute FID with torchmetrics")
+    p.add_argument("--prompts", help="text-conditioned models: a file with one prompt per line (cycled over "
+                                     "the samples); adds the CLIP score")
+    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name, or local-dir:PATH")
+    p.add_argument("--clip-pretrained", default="laion2b_s34b_b79k",
+                   help="open_clip pretrained tag or a local weights file")
     p.add_argument("--data-path", help="--model: an image folder as reference data (default: the digits)")
     p.add_argument("--resolution", type=int, default=16, help="--data-path: image resolution")
     p.add_argument("--channels", type=int, default=3, help="--data-path: image channels")

@@ -1,7 +1,8 @@
 """Loading teachers from a local diffusers pipeline directory or a Hugging Face Hub id.
 
 A teacher is a diffusers pipeline directory: ``model_index.json``, the denoising network under
-``unet/`` or ``transformer/``, its ``scheduler/`` and, for latent models, a ``vae/``. diffdistill adds
+``unet/`` or ``transformer/``, its ``scheduler/``, for latent models a ``vae/``, and for text-conditioned
+models a ``text_encoder/`` and ``tokenizer/`` (transformers classes, e.g. CLIP's). diffdistill adds
 an optional ``diffdistill.json`` with what diffusers does not record (number of classes, the null
 class used for classifier-free guidance, a default guidance scale, image size). Weights are only read
 from safetensors files.
@@ -14,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from torch import nn
 from .adapters import ADAPTERS, DiffusersDenoiser, build_adapter
 from .errors import ModelLoadError
 from .schedules import FlowSchedule, NoiseSchedule, VPSchedule
+
+if TYPE_CHECKING:
+    from .denoiser import Conditioning
 
 META_FILE = "diffdistill.json"
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -41,6 +45,8 @@ class Pretrained:
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
     vae: nn.Module | None = None
+    text_encoder: nn.Module | None = None
+    tokenizer: Any = None
     #: what students and critics start from when the denoiser has no network (analytic teachers)
     init_network: nn.Module | None = None
 
@@ -64,6 +70,31 @@ class Pretrained:
         cfg = self.denoiser.network.config
         size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
         return (cfg.in_channels, *size)
+
+    @property
+    def text_conditioned(self) -> bool:
+        """True when the denoiser cross-attends to text embeddings (it needs prompts to sample)."""
+        return bool(getattr(getattr(self.denoiser.network, "config", None), "cross_attention_dim", None))
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], negative_prompt: str = "") -> "Conditioning":
+        """Text conditioning for ``prompts``: the text encoder's last hidden states, and those of
+        ``negative_prompt`` as the unconditional branch of classifier-free guidance (diffusers'
+        ``encode_prompt``: pad to the tokenizer's max length, truncate)."""
+        from .denoiser import Conditioning
+        from .errors import DataError
+
+        if self.text_encoder is None or self.tokenizer is None:
+            raise DataError(f"{self.path} has no text_encoder/tokenizer; a text-conditioned teacher directory "
+                            "needs both to turn prompts into embeddings")
+        device = next(self.text_encoder.parameters()).device
+        unique = sorted(set(prompts) | {negative_prompt})
+        tokens = self.tokenizer(unique, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        states = self.text_encoder(tokens.input_ids.to(device))[0]
+        index = torch.tensor([unique.index(p) for p in prompts], device=device)
+        uncond = states[unique.index(negative_prompt)].expand(len(prompts), *states.shape[1:])
+        return Conditioning(encoder_hidden_states=states[index], uncond_encoder_hidden_states=uncond.contiguous())
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [-1, 1] (identity for pixel-space teachers)."""
@@ -94,6 +125,8 @@ def resolve_pretrained(source: str | Path) -> Path:
     for c in (*DENOISER_COMPONENTS, "vae"):
         patterns += [f"{c}/config.json", f"{c}/diffusion_pytorch_model.safetensors",
                      f"{c}/diffusion_pytorch_model.safetensors.index.json", f"{c}/diffusion_pytorch_model-*.safetensors"]
+    patterns += ["tokenizer/*", "text_encoder/config.json", "text_encoder/model.safetensors",
+                 "text_encoder/model.safetensors.index.json", "text_encoder/model-*.safetensors"]
     try:
         return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns))
     except Exception as exc:  # network, auth, missing repo: one clear line either way
@@ -114,13 +147,13 @@ def schedule_from_scheduler_dir(path: Path) -> tuple[NoiseSchedule, str, float]:
     return VPSchedule.from_scheduler_config(cfg), cfg.get("prediction_type", "epsilon"), 1.0
 
 
-def _model_class(index: dict[str, Any], component: str):
-    import diffusers
+def _model_class(index: dict[str, Any], component: str, library: str = "diffusers"):
+    import importlib
 
-    library, class_name = index[component]
-    cls = getattr(diffusers, class_name, None)
-    if library != "diffusers" or cls is None:
-        raise ModelLoadError(f"component '{component}' is {library}.{class_name}; only diffusers models load")
+    lib, class_name = index[component]
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if lib != library or cls is None:
+        raise ModelLoadError(f"component '{component}' is {lib}.{class_name}; only {library} classes load there")
     return cls
 
 
@@ -156,6 +189,11 @@ def load_pretrained(source: str | Path | None = None, *, device: str | torch.dev
         if "vae" in index:
             vae = _model_class(index, "vae").from_pretrained(path, subfolder="vae", use_safetensors=True,
                                                              torch_dtype=dtype)
+        text_encoder = tokenizer = None
+        if "text_encoder" in index and "tokenizer" in index:
+            text_encoder = _model_class(index, "text_encoder", "transformers").from_pretrained(
+                path, subfolder="text_encoder", use_safetensors=True, dtype=dtype)
+            tokenizer = _model_class(index, "tokenizer", "transformers").from_pretrained(path, subfolder="tokenizer")
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelLoadError(f"could not load the weights in {path} ({str(exc).splitlines()[0]}); "
                              "they must be diffusers safetensors files") from exc
@@ -163,10 +201,11 @@ def load_pretrained(source: str | Path | None = None, *, device: str | torch.dev
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
     denoiser = build_adapter(network, schedule, prediction_type, meta, **kwargs)
-    for module in (denoiser, vae):
+    for module in (denoiser, vae, text_encoder):
         if module is not None:
             module.to(device=device).eval().requires_grad_(False)
-    return Pretrained(denoiser=denoiser, path=path, meta=meta, vae=vae)
+    return Pretrained(denoiser=denoiser, path=path, meta=meta, vae=vae, text_encoder=text_encoder,
+                      tokenizer=tokenizer)
 
 
 def save_pipeline_dir(path: str | Path, network: nn.Module, scheduler_config: dict[str, Any],

@@ -76,3 +76,53 @@ def tiny_teacher_dir(tmp_path_factory):
     repo = Path(__file__).resolve().parent.parent
     cfg = load_config(TeacherConfig, repo / "configs/teacher/digits.yaml", TINY_TEACHER_OVERRIDES)
     return train_teacher(cfg, tmp_path_factory.mktemp("tiny_teacher") / "teacher", progress=False)
+
+
+def tiny_clip_tokenizer(path, max_length: int = 16):
+    """A CLIP tokenizer with a byte-level vocabulary and no merges, written under ``path`` (no download)."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=max_length)
+
+
+def tiny_text_pipeline(path, cross_dim: int = 12, channels: int = 3, seed: int = 0):
+    """A text-conditioned pixel-space teacher directory: tiny UNet2DConditionModel, DDPM scheduler, tiny
+    CLIPTextModel (hidden size = cross_dim) and tokenizer, all built locally with random weights."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                                layers_per_block=1, norm_num_groups=4, cross_attention_dim=cross_dim,
+                                attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    tokenizer = tiny_clip_tokenizer(path / ".vocab")
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=cross_dim, intermediate_size=24,
+                                           num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                           pad_token_id=tokenizer.pad_token_id))
+    unet.save_pretrained(path / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(path / "scheduler")
+    encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+    tokenizer.save_pretrained(path / "tokenizer")
+    index = {"_class_name": "DiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDPMScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path

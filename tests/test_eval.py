@@ -260,3 +260,57 @@ def test_eval_errors_are_one_line(tiny_run, tmp_path, capsys):
     assert "feature dimensions" in err and err.count("\n") == 1
     assert main(["eval", "--run", str(tiny_run), "--checkpoint", "step_9", "--quiet"]) == 2
     assert "missing or corrupt" in capsys.readouterr().err
+
+
+def test_text_teacher_encodes_prompts_like_its_text_encoder(tmp_path):
+    from conftest import tiny_text_pipeline
+
+    from diffdistill.pretrained import load_pretrained
+
+    teacher = load_pretrained(tiny_text_pipeline(tmp_path / "pipe"))
+    assert teacher.text_conditioned
+    cond = teacher.encode_prompts(["a cat", "two dogs", "a cat"])
+    tokens = teacher.tokenizer(["a cat", ""], padding="max_length", max_length=16, truncation=True,
+                               return_tensors="pt").input_ids
+    with torch.no_grad():
+        direct = teacher.text_encoder(tokens)[0]
+    assert torch.allclose(cond.encoder_hidden_states[0], direct[0], atol=1e-6)
+    assert torch.equal(cond.encoder_hidden_states[0], cond.encoder_hidden_states[2])
+    assert torch.allclose(cond.uncond_encoder_hidden_states[1], direct[1], atol=1e-6)
+
+
+def test_eval_text_model_with_prompts_adds_clip_score(tmp_path, capsys):
+    import open_clip
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from conftest import tiny_text_pipeline
+
+    pipe = tiny_text_pipeline(tmp_path / "pipe")
+    model, _, _ = tiny_clip()
+    clip_dir = tmp_path / "clip"
+    clip_dir.mkdir()
+    cfg = {"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 32, "head_width": 16, "patch_size": 8,
+                                           "image_size": 32},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(clip_dir / "open_clip_model.safetensors"))
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(150):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / f"{i:03d}.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo cats\n\na zero\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(pipe), "--steps", "1,2", "--num", "140", "--quiet", "--output", str(out),
+                 "--prompts", str(prompts), "--clip-model", f"local-dir:{clip_dir}", "--data-path", str(data),
+                 "--resolution", "8", "--channels", "3", "--features", "digits"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["model"]["clip_score"]) == {"1", "2"} and metrics["num_prompts"] == 3
+    assert all(0 <= v <= 100 for v in metrics["model"]["clip_score"].values())
+    assert metrics["clip_model"].startswith("open_clip:local-dir:") and open_clip is not None
+    # without prompts a text-conditioned model is refused in one line
+    assert main(["eval", "--model", str(pipe), "--steps", "1", "--num", "140", "--quiet", "--output", str(out),
+                 "--data-path", str(data), "--resolution", "8", "--features", "digits"]) == 2
+    assert "text-conditioned: give --prompts FILE" in capsys.readouterr().err

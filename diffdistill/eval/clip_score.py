@@ -38,20 +38,25 @@ class ClipScorer:
     def from_pretrained(cls, model_name: str = DEFAULT_CLIP_MODEL, pretrained: str = DEFAULT_CLIP_PRETRAINED,
                         device: str | torch.device = "cpu") -> "ClipScorer":
         """open_clip's ``model_name`` with ``pretrained`` weights: a tag (e.g. ``laion2b_s34b_b79k``) or a
-        local file (``.safetensors`` preferred; other files load with ``weights_only=True``)."""
+        local file (``.safetensors`` preferred; other files load with ``weights_only=True``). A
+        ``local-dir:PATH`` model name reads ``open_clip_config.json`` and the weights from that folder
+        (``pretrained`` is then ignored)."""
         import open_clip
 
+        if model_name.startswith("local-dir:"):
+            pretrained = None
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
                                                                          device=device, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - offline hub errors come in many types; all mean the same here
             reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-            where = "the file" if Path(pretrained).suffix else "the Hugging Face cache (HF_HOME)"
-            raise ModelLoadError(f"cannot load CLIP {model_name} weights '{pretrained}' from {where} ({reason}); "
+            where = ("the folder" if pretrained is None else "the file" if Path(pretrained).suffix
+                     else "the Hugging Face cache (HF_HOME)")
+            raise ModelLoadError(f"cannot load CLIP {model_name} weights '{pretrained or ''}' from {where} ({reason}); "
                                  "download them on a machine with internet and pass --clip-pretrained "
                                  "PATH/open_clip_model.safetensors") from exc
         return cls(model, open_clip.get_tokenizer(model_name), preprocess,
-                   name=f"open_clip:{model_name}:{Path(pretrained).name}", device=device)
+                   name=f"open_clip:{model_name}" + (f":{Path(pretrained).name}" if pretrained else ""), device=device)
 
     @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:

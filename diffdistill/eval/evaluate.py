@@ -27,6 +27,7 @@ from ..errors import DiffDistillError
 from ..grid import save_grid
 from ..pretrained import Pretrained
 from ..samplers import generate
+from .clip_score import ClipScorer
 from .features import FeatureExtractor
 from .metrics import fid_from_features, kid, precision_recall, torchmetrics_fid
 from .reference import Reference
@@ -73,15 +74,21 @@ class EvalOptions:
     progress: bool = True
 
 
-def conditioning_for(teacher: Pretrained, num: int) -> Conditioning | None:
-    """Class labels cycling 0..C-1 (balanced classes, the same for every candidate); None if unconditional."""
+def cycled_prompts(prompts: Sequence[str], num: int) -> list[str]:
+    """``num`` prompts: the list repeated in order (sample ``i`` gets ``prompts[i % len(prompts)]``)."""
+    return [prompts[i % len(prompts)] for i in range(num)]
+
+
+def conditioning_for(teacher: Pretrained, num: int, prompts: Sequence[str] | None = None) -> Conditioning | None:
+    """The same conditioning for every candidate: class labels cycling 0..C-1 (balanced classes), the
+    cycled ``prompts`` for a text-conditioned model, or None for an unconditional one."""
+    if teacher.text_conditioned:
+        if not prompts:
+            raise DiffDistillError("this model is text-conditioned: give --prompts FILE (one prompt per line) to "
+                                   "evaluate it")
+        return teacher.encode_prompts(cycled_prompts(prompts, num))
     if teacher.num_classes:
         return Conditioning(class_labels=torch.arange(num) % teacher.num_classes)
-    cross = getattr(getattr(teacher.denoiser.network, "config", None), "cross_attention_dim", None)
-    if cross:
-        raise DiffDistillError("evaluating a text-conditioned model needs prompts and its text encoder, which "
-                               "`diffdistill eval` does not support yet; evaluate a class-conditional or "
-                               "unconditional model")
     return None
 
 
@@ -105,14 +112,16 @@ def extract(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int, 
 
 def evaluate(candidates: Sequence[Candidate], teacher: Pretrained, extractor: FeatureExtractor,
              reference: Reference, opts: EvalOptions, output: str | Path | None = None,
-             extra: dict | None = None) -> dict:
+             extra: dict | None = None, prompts: Sequence[str] | None = None, clip: ClipScorer | None = None) -> dict:
     """Score every candidate at each of its step counts and seeds; write ``metrics.json``, the grids and
-    the plot into ``output`` (when given) and return the metrics dict."""
+    the plot into ``output`` (when given) and return the metrics dict. With ``prompts`` (text-conditioned
+    models) and a ``clip`` scorer, each sample's CLIP score against its prompt is averaged as well."""
     if opts.num <= extractor.dim:
         raise DiffDistillError(f"--num {opts.num} is not above the {extractor.dim} feature dimensions of "
                                f"{extractor.name}: FID's covariance would be singular; use --num {extractor.dim + 1} "
                                "or more")
-    cond = conditioning_for(teacher, opts.num)
+    cond = conditioning_for(teacher, opts.num, prompts)
+    sample_prompts = cycled_prompts(prompts, opts.num) if prompts else None
     output = Path(output) if output is not None else None
     results: dict = {}
     for cand in candidates:
@@ -129,6 +138,9 @@ def evaluate(candidates: Sequence[Candidate], teacher: Pretrained, extractor: Fe
                 for name, value in score(extract(extractor, images, opts.batch_size, opts.progress), reference,
                                          opts, seed).items():
                     per_seed.setdefault(name, {}).setdefault(str(n), []).append(value)
+                if clip is not None and sample_prompts is not None:
+                    per_seed.setdefault("clip_score", {}).setdefault(str(n), []).append(
+                        clip(images, sample_prompts, opts.batch_size))
                 if output is not None and seed == opts.seeds[0]:
                     _save_grid(images, teacher, output / "grids" / f"{cand.label}_{n}step.png", opts.grid_rows)
             seconds[str(n)] = round(time.perf_counter() - start, 2)
@@ -144,6 +156,7 @@ def evaluate(candidates: Sequence[Candidate], teacher: Pretrained, extractor: Fe
                | {"path": str(reference.path) if reference.path else None},
                "kid_settings": {"subsets": opts.kid_subsets, "subset_size": opts.kid_subset_size, "kernel": "(x.y/d + 1)^3"},
                "precision_recall_k": opts.pr_k,
+               **({"clip_model": clip.name, "num_prompts": len(prompts)} if clip is not None and prompts else {}),
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {})}
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)

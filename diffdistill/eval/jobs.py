@@ -11,6 +11,7 @@ from typing import Sequence
 from ..data import DataConfig
 from ..errors import DiffDistillError
 from ..pretrained import Pretrained, load_pretrained
+from .clip_score import ClipScorer
 from .evaluate import Candidate, EvalOptions, evaluate
 from .features import get_feature_extractor
 from .reference import load_reference
@@ -44,7 +45,8 @@ def teacher_candidate(teacher: Pretrained, steps: Sequence[int], sampler: str, s
 def evaluate_run(run_dir: str | Path, steps: Sequence[int], teacher_steps: Sequence[int], opts: EvalOptions, *,
                  teacher_sampler: str = "ddim", teacher_spacing: str | None = "trailing", ema: bool = True,
                  checkpoint: str | None = None, features: str | None = None, feature_weights: str | None = None,
-                 split: str = "train", refresh_reference: bool = False, output: str | Path | None = None) -> dict:
+                 split: str = "train", refresh_reference: bool = False, output: str | Path | None = None,
+                 prompts: Sequence[str] | None = None, clip: ClipScorer | None = None) -> dict:
     """The run's student (EMA weights by default) at ``steps`` and its teacher at ``teacher_steps``, in one
     process against one reference; writes ``metrics.json`` into ``output`` (default: the run directory)."""
     from ..trainers.saved_run import SavedRun
@@ -60,7 +62,7 @@ def evaluate_run(run_dir: str | Path, steps: Sequence[int], teacher_steps: Seque
     if teacher_steps:
         candidates.append(teacher_candidate(teacher, teacher_steps, teacher_sampler, teacher_spacing))
     extra = {"run": str(run.run_dir), "teacher_source": run.cfg.teacher or "shipped digits teacher", "train_step": run.step}
-    return evaluate(candidates, teacher, extractor, reference, opts, output or run.run_dir, extra)
+    return evaluate(candidates, teacher, extractor, reference, opts, output or run.run_dir, extra, prompts, clip)
 
 
 def sweep_checkpoints(run_dir: str | Path, steps: Sequence[int], teacher_steps: Sequence[int], opts: EvalOptions, *,
@@ -101,13 +103,16 @@ def sweep_checkpoints(run_dir: str | Path, steps: Sequence[int], teacher_steps: 
 
 def evaluate_model(source: str, steps: Sequence[int], opts: EvalOptions, output: str | Path, *, sampler: str = "ddim",
                    spacing: str | None = "trailing", data: DataConfig | None = None, features: str | None = None,
-                   feature_weights: str | None = None, split: str = "train", refresh_reference: bool = False) -> dict:
+                   feature_weights: str | None = None, split: str = "train", refresh_reference: bool = False,
+                   prompts: Sequence[str] | None = None, clip: ClipScorer | None = None) -> dict:
     """Any loadable model (teacher or exported pipeline directory, hub id) at ``steps`` with ``sampler``,
-    against ``data`` (default: the digits at the model's resolution)."""
+    against ``data`` (default: the digits at the model's resolution); text-conditioned models sample the
+    cycled ``prompts`` and, with a ``clip`` scorer, get a CLIP score too."""
     model = load_pretrained(source, device=opts.device)
     if data is None:
         channels, resolution = model.sample_shape[0], model.sample_shape[-1]
         data = DataConfig(dataset="digits", resolution=resolution, channels=channels)
     extractor, reference = _prepare(data, model, features, feature_weights, opts, split, refresh_reference)
     cand = teacher_candidate(model, steps, sampler, spacing, label="model")
-    return evaluate([cand], model, extractor, reference, opts, output, {"model_source": str(source)})
+    return evaluate([cand], model, extractor, reference, opts, output, {"model_source": str(source)},
+                    prompts=prompts, clip=clip)
