@@ -7,7 +7,9 @@ budget), then prints one table: the Fréchet distance between generated digits a
 split in the shipped digits classifier's feature space (an FID whose feature network is the digits
 classifier), for the student at 1, 2 and 4 steps beside the teacher at the same step counts (DDIM,
 trailing grid) and at 50 steps, plus training wall time. All numbers come from one process, one set of
-reference statistics and the same seeds. The full FID machinery arrives with ``diffdistill eval``.
+reference statistics and the same seeds, through the same feature extractor, 8-bit rounding and cached
+reference as ``diffdistill eval`` (so a row equals ``diffdistill eval --run runs/bench/METHOD --num N
+--seeds 1,`` with seed 1).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from diffdistill.data import load_digits  # noqa: E402
+from diffdistill.data import DataConfig  # noqa: E402
 from diffdistill.denoiser import Conditioning  # noqa: E402
-from diffdistill.eval.digits_classifier import load_digits_classifier  # noqa: E402
-from diffdistill.eval.frechet import digits_features, feature_statistics, frechet_distance  # noqa: E402
+from diffdistill.eval.features import DigitsFeatures  # noqa: E402
+from diffdistill.eval.metrics import fid_from_features  # noqa: E402
+from diffdistill.eval.reference import load_reference  # noqa: E402
 from diffdistill.pretrained import load_pretrained  # noqa: E402
 from diffdistill.samplers import generate  # noqa: E402
 from diffdistill.trainers.loop import Trainer  # noqa: E402
@@ -35,8 +38,8 @@ from diffdistill.trainers.method import load_distill_config  # noqa: E402
 STEPS = (1, 2, 4)
 
 
-def fd(images, classifier, ref) -> float:
-    return frechet_distance(*feature_statistics(digits_features(images, classifier)), *ref)
+def fd(images, extractor, ref) -> float:
+    return fid_from_features(extractor(images), ref.statistics)
 
 
 def labels_for(num: int, classes: int) -> Conditioning:
@@ -63,9 +66,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value applied to every config")
     args = parser.parse_args()
     torch.manual_seed(0)
-    classifier = load_digits_classifier()
-    real, _ = load_digits("train", 16)
-    ref = feature_statistics(digits_features(real, classifier))
+    classifier = DigitsFeatures()
+    ref = load_reference(DataConfig(), classifier, split="train", progress=False)
     teacher = load_pretrained()
     cond = labels_for(args.num, teacher.num_classes)
     rows = []

@@ -180,12 +180,15 @@ def plot_quality_vs_steps(metrics: dict, labels: Sequence[str], path: str | Path
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    all_steps = sorted({int(n) for label in labels for n in metrics[label]["fid"]})
     for label in labels:
         fid = metrics[label]["fid"]
         steps = sorted(int(n) for n in fid)
         ax.errorbar(steps, [fid[str(n)] for n in steps], yerr=[metrics[label]["fid_std"][str(n)] for n in steps],
                     marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(all_steps, [str(n) for n in all_steps])
+    ax.minorticks_off()
     ax.set_xlabel("sampling steps")
     ax.set_ylabel(f"FID ({metrics['feature_extractor']} features)")
     ax.set_title(f"{metrics['num_samples']} samples, seeds {metrics['seeds']}", fontsize=9)

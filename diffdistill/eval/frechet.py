@@ -30,8 +30,3 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
-
-@torch.no_grad()
-def digits_features(images: torch.Tensor, classifier, batch_size: int = 500) -> torch.Tensor:
-    """Penultimate features of the digits classifier for images in [-1, 1] (clamped first)."""
-    return torch.cat([classifier.features(b.clamp(-1, 1)) for b in images.split(batch_size)])
