@@ -146,8 +146,18 @@ def cmd_pairs(args: argparse.Namespace) -> None:
 
 
 def _seeds(text: str) -> list[int]:
-    """``3`` → seeds 0, 1, 2; ``0,5,9`` → exactly those."""
-    return _csv_ints(text) if "," in text else list(range(int(text)))
+    """``3`` → seeds 0, 1, 2; ``0,5,9`` (or ``7,`` for the single seed 7) → exactly those."""
+    seeds = [int(v) for v in text.split(",") if v.strip()] if "," in text else list(range(int(text)))
+    if not seeds:
+        raise argparse.ArgumentTypeError("give a seed count ≥ 1 (3 → 0,1,2) or a list such as 0,5,9 (7, for seed 7)")
+    return seeds
+
+
+def _step_counts(text: str) -> list[int]:
+    steps = _csv_ints(text)
+    if any(n < 1 for n in steps) and steps != [0]:
+        raise argparse.ArgumentTypeError("step counts must be ≥ 1 (a lone 0 skips the teacher)")
+    return steps
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -174,6 +184,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                  spacing=args.spacing, data=data, **common)
         print(f"FID {metrics['model']['fid']} -> {Path(args.output) / METRICS_FILE}")
         return
+    if args.steps == [0]:
+        raise ConfigError("--steps must list step counts ≥ 1")
     teacher_steps = [] if args.teacher_steps == [0] else (args.teacher_steps or sorted({*args.steps, 50}))
     kwargs = dict(teacher_sampler=args.sampler, teacher_spacing=args.spacing, ema=not args.no_ema,
                   output=args.output, **common)
@@ -194,13 +206,15 @@ def _eval_parser(sub) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", help="a distillation run directory: its student beside its teacher")
     what.add_argument("--model", help="any teacher or exported pipeline directory (or Hub id), on its own")
-    p.add_argument("--steps", type=_csv_ints, default=[1, 2, 4], help="student (or --model) step counts (default 1,2,4)")
-    p.add_argument("--teacher-steps", type=_csv_ints,
+    p.add_argument("--steps", type=_step_counts, default=[1, 2, 4],
+                   help="student (or --model) step counts (default 1,2,4)")
+    p.add_argument("--teacher-steps", type=_step_counts,
                    help="teacher step counts in the same run (default: --steps and 50; 0 skips the teacher)")
     p.add_argument("--num", type=int, default=2000, help="generated samples per step count and seed (default 2000)")
     p.add_argument("--seeds", type=_seeds, default=[0], help="a count (3 → seeds 0,1,2) or a list 0,5,9 (default 1)")
     p.add_argument("--sampler", default="ddim", help="the teacher's (or --model's) sampler (default ddim)")
-    p.add_argument("--spacing", default="trailing", help="its timestep spacing (default trailing)")
+    p.add_argument("--spacing", help="its timestep spacing (default: trailing for ddim and dpmpp_2m, karras for "
+                                     "euler and heun)")
     p.add_argument("--features", help="digits, inception-clean or inception-legacy_tensorflow "
                                       "(default: digits for digits data, else inception-clean)")
     p.add_argument("--feature-weights", "--inception-weights", dest="feature_weights",

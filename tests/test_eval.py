@@ -202,7 +202,7 @@ def test_eval_writes_metrics_plot_and_grids(tiny_run, capsys):
             assert 0 <= metrics[who]["precision"][n] <= 1 and 0 <= metrics[who]["recall"][n] <= 1
     assert metrics["feature_extractor"] == "digits" and metrics["num_samples"] == 150 and metrics["seeds"] == [0, 1]
     assert metrics["student"]["weights"].startswith("ema_") and metrics["student"]["checkpoint"] == "step_0000004"
-    assert metrics["student"]["timesteps"]["1"] and metrics["teacher"]["spacing"] == "trailing"
+    assert len(metrics["student"]["timesteps"]["2"]) == 2 and metrics["teacher"]["timesteps"]["1"] == [999.0]
     assert (tiny_run / "quality_vs_steps.png").stat().st_size > 0
     assert sorted(p.name for p in (tiny_run / "grids").iterdir()) == [
         "student_1step.png", "student_2step.png", "teacher_1step.png", "teacher_2step.png"]
@@ -314,3 +314,23 @@ def test_eval_text_model_with_prompts_adds_clip_score(tmp_path, capsys):
     assert main(["eval", "--model", str(pipe), "--steps", "1", "--num", "140", "--quiet", "--output", str(out),
                  "--data-path", str(data), "--resolution", "8", "--features", "digits"]) == 2
     assert "text-conditioned: give --prompts FILE" in capsys.readouterr().err
+
+
+def test_eval_rejects_bad_seed_and_step_lists():
+    for bad in (["--seeds", "0"], ["--steps", "0,4"], ["--teacher-steps", "0,4"]):
+        with pytest.raises(SystemExit) as err:
+            main(["eval", "--run", "x", *bad])
+        assert err.value.code == 2
+
+
+def test_reference_cache_key_follows_the_feature_network_weights(tmp_path):
+    """A regenerated or different classifier must not reuse cached features made by the old one."""
+    from diffdistill.eval.digits_classifier import DigitsClassifier, save_digits_classifier
+    from diffdistill.eval.reference import reference_path
+
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        save_digits_classifier(DigitsClassifier(), tmp_path / name / "clf.safetensors", 0.0)
+    first, second = (DigitsFeatures(tmp_path / n / "clf.safetensors") for n in ("a", "b"))
+    assert first.name == second.name  # same file name ...
+    assert reference_path(DataConfig(), "train", first) != reference_path(DataConfig(), "train", second)  # ... other key

@@ -26,7 +26,7 @@ from ..denoiser import Conditioning, Denoiser
 from ..errors import DiffDistillError
 from ..grid import save_grid
 from ..pretrained import Pretrained
-from ..samplers import generate
+from ..samplers import generate, sampling_grid
 from .clip_score import ClipScorer
 from .features import FeatureExtractor
 from .metrics import fid_from_features, kid, precision_recall, torchmetrics_fid
@@ -50,14 +50,11 @@ class Candidate:
     info: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
-        """What metrics.json records about how this candidate was sampled."""
-        grids = {str(n): self.timesteps(n) for n in self.steps}
-        out = {"sampler": self.sampler, **self.info}
-        if any(g is not None for g in grids.values()):
-            out["timesteps"] = grids
-        else:
-            out["spacing"] = self.spacing or "schedule default"
-        return out
+        """What metrics.json records about how this candidate was sampled: the sampler and, per step
+        count, the exact native times it visits (before the final clean one)."""
+        grids = {str(n): sampling_grid(self.denoiser, sampler=self.sampler, num_steps=n, timesteps=self.timesteps(n),
+                                       spacing=self.spacing)[:-1].tolist() for n in self.steps}
+        return {"sampler": self.sampler, "spacing": self.spacing or "sampler default", **self.info, "timesteps": grids}
 
 
 @dataclass
@@ -147,14 +144,16 @@ def evaluate(candidates: Sequence[Candidate], teacher: Pretrained, extractor: Fe
             if opts.progress:
                 print(f"{cand.label} {n} step(s): FID {np.mean(per_seed['fid'][str(n)]):.4f}", flush=True)
         entry = {name: {n: float(np.mean(v)) for n, v in by_n.items()} for name, by_n in per_seed.items()}
-        entry["fid_std"] = {n: float(np.std(v)) for n, v in per_seed["fid"].items()}
+        # sample standard deviation over seeds (0 for a single seed)
+        entry["fid_std"] = {n: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for n, v in per_seed["fid"].items()}
         entry["per_seed"] = per_seed
         entry["seconds"] = seconds
         results[cand.label] = entry | cand.describe()
     metrics = {**results, "feature_extractor": extractor.name, "num_samples": opts.num, "seeds": list(opts.seeds),
                "reference": {k: v for k, v in reference.description.items() if k != "extractor"}
                | {"path": str(reference.path) if reference.path else None},
-               "kid_settings": {"subsets": opts.kid_subsets, "subset_size": opts.kid_subset_size, "kernel": "(x.y/d + 1)^3"},
+               "kid_settings": {"subsets": opts.kid_subsets,
+                                "subset_size": min(opts.kid_subset_size, opts.num, len(reference.features)), "kernel": "(x.y/d + 1)^3"},
                "precision_recall_k": opts.pr_k,
                **({"clip_model": clip.name, "num_prompts": len(prompts)} if clip is not None and prompts else {}),
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {})}

@@ -20,8 +20,8 @@ the digits classifier.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import tempfile
 from pathlib import Path
 import numpy as np
 import torch
@@ -40,11 +40,22 @@ def to_uint8_levels(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
 
 
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of a file's SHA-256 (what a reference cache is keyed on, beside the name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 class FeatureExtractor:
-    """``extractor(images) → (N, dim)`` features; ``name`` keys reference statistics and metrics.json."""
+    """``extractor(images) → (N, dim)`` features; ``name`` labels metrics.json, ``name`` and ``weights_digest``
+    (the hash of the network's weights file) key the cached reference statistics."""
 
     name: str
     dim: int
+    weights_digest: str = ""
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -54,9 +65,13 @@ class DigitsFeatures(FeatureExtractor):
     """Penultimate features of a :class:`~diffdistill.eval.digits_classifier.DigitsClassifier`."""
 
     def __init__(self, classifier_path: str | Path | None = None, device: str | torch.device = "cpu") -> None:
-        from .digits_classifier import load_digits_classifier
+        from importlib.resources import as_file, files
+
+        from .digits_classifier import SHIPPED_CLASSIFIER, load_digits_classifier
 
         self.model = load_digits_classifier(classifier_path, device=device)
+        with as_file(files("diffdistill") / "assets" / SHIPPED_CLASSIFIER) as shipped:
+            self.weights_digest = file_digest(classifier_path or shipped)
         self.device = device
         self.resolution = self.model.config["resolution"]
         self.dim = self.model.config["feature_dim"]
@@ -76,7 +91,7 @@ class DigitsFeatures(FeatureExtractor):
 def _cleanfid_weights(weights: str | Path | None) -> Path:
     """The clean-fid TorchScript Inception file: ``weights`` (a file or its folder), else clean-fid's own
     download location; one error line when it is absent."""
-    default_dir = Path("./" if os.name == "nt" else tempfile.gettempdir())
+    default_dir = Path("./" if os.name == "nt" else "/tmp")  # clean-fid's hard-coded download folder
     path = Path(weights) if weights else default_dir / CLEANFID_INCEPTION_FILE
     if path.is_dir():
         path = path / CLEANFID_INCEPTION_FILE
@@ -103,6 +118,7 @@ class InceptionFeatures(FeatureExtractor):
 
         self.mode, self.device, self.name = mode, torch.device(device), f"inception-{mode}"
         path = _cleanfid_weights(weights)
+        self.weights_digest = file_digest(path)
         try:
             net = InceptionV3W(str(path.parent), download=False, resize_inside=mode == "legacy_tensorflow")
         except RuntimeError as exc:

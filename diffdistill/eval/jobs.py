@@ -43,7 +43,7 @@ def teacher_candidate(teacher: Pretrained, steps: Sequence[int], sampler: str, s
 
 
 def evaluate_run(run_dir: str | Path, steps: Sequence[int], teacher_steps: Sequence[int], opts: EvalOptions, *,
-                 teacher_sampler: str = "ddim", teacher_spacing: str | None = "trailing", ema: bool = True,
+                 teacher_sampler: str = "ddim", teacher_spacing: str | None = None, ema: bool = True,
                  checkpoint: str | None = None, features: str | None = None, feature_weights: str | None = None,
                  split: str = "train", refresh_reference: bool = False, output: str | Path | None = None,
                  prompts: Sequence[str] | None = None, clip: ClipScorer | None = None) -> dict:
@@ -66,7 +66,7 @@ def evaluate_run(run_dir: str | Path, steps: Sequence[int], teacher_steps: Seque
 
 
 def sweep_checkpoints(run_dir: str | Path, steps: Sequence[int], teacher_steps: Sequence[int], opts: EvalOptions, *,
-                      teacher_sampler: str = "ddim", teacher_spacing: str | None = "trailing", ema: bool = True,
+                      teacher_sampler: str = "ddim", teacher_spacing: str | None = None, ema: bool = True,
                       features: str | None = None, feature_weights: str | None = None, split: str = "train",
                       refresh_reference: bool = False, output: str | Path | None = None) -> dict:
     """Every checkpoint's student at ``steps`` (and the teacher once), as one table in ``checkpoint_sweep.json``;
@@ -102,7 +102,7 @@ def sweep_checkpoints(run_dir: str | Path, steps: Sequence[int], teacher_steps: 
 
 
 def evaluate_model(source: str, steps: Sequence[int], opts: EvalOptions, output: str | Path, *, sampler: str = "ddim",
-                   spacing: str | None = "trailing", data: DataConfig | None = None, features: str | None = None,
+                   spacing: str | None = None, data: DataConfig | None = None, features: str | None = None,
                    feature_weights: str | None = None, split: str = "train", refresh_reference: bool = False,
                    prompts: Sequence[str] | None = None, clip: ClipScorer | None = None) -> dict:
     """Any loadable model (teacher or exported pipeline directory, hub id) at ``steps`` with ``sampler``,
@@ -111,6 +111,9 @@ def evaluate_model(source: str, steps: Sequence[int], opts: EvalOptions, output:
     model = load_pretrained(source, device=opts.device)
     if data is None:
         channels, resolution = model.sample_shape[0], model.sample_shape[-1]
+        if channels != 1 or model.vae is not None:
+            raise DiffDistillError(f"{source} does not make one-channel digits images; give the reference images "
+                                   "with --data-path FOLDER --resolution R --channels C")
         data = DataConfig(dataset="digits", resolution=resolution, channels=channels)
     extractor, reference = _prepare(data, model, features, feature_weights, opts, split, refresh_reference)
     cand = teacher_candidate(model, steps, sampler, spacing, label="model")

@@ -59,10 +59,10 @@ def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     return float(off_diagonal - 2 * k_xy.mean())
 
 
-def _kth_neighbour_radii(points: torch.Tensor, k: int) -> torch.Tensor:
-    """Distance from each point to its ``k``-th nearest other point."""
-    d = torch.cdist(points, points)
-    return d.kthvalue(k + 1, dim=1).values  # the 1st smallest is the point itself (distance 0)
+def _kth_neighbour_radii(points: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """Distance from each point to its ``k``-th nearest other point (row chunks: memory O(chunk·N))."""
+    # the 1st smallest distance is the point itself (0)
+    return torch.cat([torch.cdist(q, points).kthvalue(k + 1, dim=1).values for q in points.split(chunk)])
 
 
 def _inside(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> torch.Tensor:

@@ -3,7 +3,8 @@
 The cache is an ``.npz`` holding the float32 features (KID and precision/recall need them, not just the
 Gaussian fit), their float64 mean and covariance (for FID), and a JSON description of what they were
 computed from. Its name spells that description out (e.g. ``digits-train-16px-digits-3f2a9c1e.npz``; the
-hash covers the whole data config and the image cap), so two evaluations that should share statistics
+hash covers the whole data config, an image folder's absolute path, file count and newest modification
+time, the feature network's weights hash and the image cap), so two evaluations that should share statistics
 do, and two that should not cannot. The cache folder is ``$DIFFDISTILL_CACHE/reference`` (default
 ``~/.cache/diffdistill/reference``); delete a file (or pass ``refresh=True``) to recompute it.
 """
@@ -48,7 +49,16 @@ class Reference:
 
 
 def _describe(data: DataConfig, split: str, extractor: FeatureExtractor, max_images: int | None) -> dict:
-    return {"data": to_dict(data), "split": split, "extractor": extractor.name, "max_images": max_images}
+    """What the features depend on: the data config (a folder by absolute path, file count and newest
+    modification time), the split, the extractor and its weights' hash, the image cap."""
+    description = {"data": to_dict(data), "split": split, "extractor": extractor.name,
+                   "weights_digest": extractor.weights_digest, "max_images": max_images}
+    if data.dataset == "folder" and data.path:
+        root = Path(data.path).resolve()
+        files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+        description["data"]["path"] = str(root)
+        description["folder"] = {"files": len(files), "newest_mtime": max((p.stat().st_mtime for p in files), default=0)}
+    return description
 
 
 def reference_path(data: DataConfig, split: str, extractor: FeatureExtractor, max_images: int | None = None) -> Path:
