@@ -57,7 +57,9 @@ class SavedRun:
 
     def student_network(self, ema: bool = True) -> tuple[nn.Module, str]:
         """The student network with this checkpoint's weights, and which weights they are (``ema_0.999``
-        for the first EMA decay when ``ema`` and the run keeps EMA copies, else ``student``)."""
+        for the first EMA decay when ``ema`` and the run keeps EMA copies, else ``student``). The weights
+        are loaded in place into the method's one student module: a later call (or :meth:`load`) changes
+        what an earlier returned network holds."""
         decays = self.cfg.train.ema_decays
         stem = f"ema_{decays[0]:g}" if ema and decays else "student"
         network = self.method.trainable_roles()["student"]
