@@ -84,7 +84,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    """Sample a teacher into a labelled PNG grid (and optionally a safetensors file of the images)."""
+    """Sample a teacher (or, with --run, a distilled student) into a labelled PNG grid (and optionally a
+    safetensors file of the images)."""
     import torch
 
     from .denoiser import Conditioning, standard_guidance_scale
@@ -93,7 +94,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .samplers import generate
 
     device = _device(args.device)
-    teacher = load_pretrained(args.teacher, device=device)
+    if args.run:
+        from .trainers.saved_run import SavedRun
+
+        run = SavedRun(args.run, args.checkpoint, device=device)
+        teacher, denoiser, sampler = run.method.teacher, run.student(not args.no_ema), run.method.student_sampler
+        num_steps = args.steps or run.default_steps
+        timesteps = args.timesteps or run.method.student_timesteps(num_steps)
+    else:
+        teacher = load_pretrained(args.teacher, device=device)
+        denoiser, sampler, num_steps, timesteps = teacher.denoiser, args.sampler, args.steps or 50, args.timesteps
     shape = teacher.sample_shape
     cond, row_labels, ncols = None, None, None
     if teacher.num_classes:
@@ -106,9 +116,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     num = len(cond.class_labels) if cond is not None else args.num
     w = None if args.guidance_scale is None else standard_guidance_scale(args.guidance_scale, args.guidance_convention)
     try:
-        images = generate(teacher.denoiser, shape, num, sampler=args.sampler,
-                          num_steps=None if args.timesteps else args.steps, timesteps=args.timesteps,
-                          spacing=args.spacing, cond=cond, guidance_scale=w, seed=args.seed,
+        images = generate(denoiser, shape, num, sampler=sampler, num_steps=None if timesteps else num_steps,
+                          timesteps=timesteps, spacing=args.spacing, cond=cond, guidance_scale=w, seed=args.seed,
                           batch_size=args.batch_size, device=device, progress=not args.quiet)
     except ValueError as exc:  # a grid the schedule cannot make, e.g. --spacing karras on a flow teacher
         raise ConfigError(f"{exc} (sample options)") from exc
@@ -121,7 +130,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if cond is not None:
             tensors["labels"] = cond.class_labels
         save_file(tensors, args.save_tensors)
-    print(f"{num} samples ({args.sampler}, {len(args.timesteps) if args.timesteps else args.steps} steps) -> {path}")
+    print(f"{num} samples ({sampler}, {len(timesteps) if timesteps else num_steps} steps) -> {path}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write a run's student as a diffusers pipeline that plain diffusers loads and samples exactly."""
+    from .export import export_run
+
+    info = export_run(args.run, args.output, ema=not args.no_ema, steps=args.steps, checkpoint=args.checkpoint,
+                      overwrite=args.overwrite)
+    print(f"{info['method']} student ({info['scheduler']}, {info['default_steps']} steps; exact at "
+          f"{', '.join(info['timesteps'])} steps) -> {args.output}")
 
 
 def cmd_pairs(args: argparse.Namespace) -> None:
@@ -258,7 +277,7 @@ def _training_parser(sub, func, config_help: str, output_help: str, override_exa
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffdistill", description="Distil diffusion models into few-step generators.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{teacher,distill,pairs,sample,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{teacher,distill,pairs,sample,eval,export}")
 
     p = _training_parser(sub, cmd_teacher, "YAML config (default: built-in digits teacher defaults)",
                          "directory for the diffusers pipeline", "train.steps=100")
@@ -280,8 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help=cmd_sample.__doc__)
     p.add_argument("--teacher", help="diffusers pipeline directory or Hub id (default: the shipped digits teacher)")
+    p.add_argument("--run", help="sample this distillation run's student instead (its own sampler and timesteps)")
+    p.add_argument("--checkpoint", help="--run: this checkpoint (e.g. step_0000400) instead of the newest")
+    p.add_argument("--no-ema", action="store_true", help="--run: the raw student weights, not the first EMA copy")
     p.add_argument("--sampler", default="heun", help="ddim, euler, heun, dpmpp_2m, ode or sde (default: heun)")
-    p.add_argument("--steps", type=int, default=50, help="number of sampling steps (default: 50)")
+    p.add_argument("--steps", type=int, help="number of sampling steps (default: 50; --run: the student's own)")
     p.add_argument("--spacing", help="timestep grid: trailing, leading, uniform or karras (default per sampler)")
     p.add_argument("--timesteps", type=_csv_floats, help="explicit timestep list, e.g. 999,749,499,249")
     p.add_argument("--num", type=int, default=64,
@@ -298,6 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
     _eval_parser(sub)
+
+    p = sub.add_parser("export", help=cmd_export.__doc__)
+    p.add_argument("--run", required=True, help="the distillation run directory")
+    p.add_argument("--output", required=True, help="the pipeline directory to write")
+    p.add_argument("--steps", type=int, help="the default step count (default: the student's own)")
+    p.add_argument("--checkpoint", help="export this checkpoint instead of the newest")
+    p.add_argument("--ema", dest="no_ema", action="store_false", help="export the first EMA copy (default)")
+    p.add_argument("--no-ema", dest="no_ema", action="store_true", help="export the raw student weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.set_defaults(func=cmd_export, no_ema=False)
     return parser
 
 

@@ -117,5 +117,13 @@ def evaluate_model(source: str, steps: Sequence[int], opts: EvalOptions, output:
         data = DataConfig(dataset="digits", resolution=resolution, channels=channels)
     extractor, reference = _prepare(data, model, features, feature_weights, opts, split, refresh_reference)
     cand = teacher_candidate(model, steps, sampler, spacing, label="model")
+    student = model.meta.get("student")
+    if student:  # a diffdistill export: sample it as the student it is, on its exported timesteps
+        missing = [n for n in steps if str(n) not in student["timesteps"]]
+        if missing:
+            raise DiffDistillError(f"{source} was exported for {', '.join(student['timesteps'])} steps, not {missing}")
+        cand = Candidate("model", model.denoiser, student["sampler"], list(steps),
+                         timesteps=lambda n: [float(t) for t in student["timesteps"][str(n)]],
+                         info={"exported_method": student["method"]})
     return evaluate([cand], model, extractor, reference, opts, output, {"model_source": str(source)},
                     prompts=prompts, clip=clip)

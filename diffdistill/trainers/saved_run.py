@@ -33,6 +33,13 @@ class SavedRun:
         self.method: Method = build_method(self.cfg, device)
         self.load(checkpoint)
 
+    @property
+    def default_steps(self) -> int:
+        """The step count the student was trained for (``generator.student_steps``), else the largest of
+        the run's ``sample_steps``."""
+        trained = getattr(getattr(self.cfg, "generator", None), "student_steps", None)
+        return int(trained or max(self.cfg.sample_steps))
+
     def checkpoints(self) -> list[Path]:
         """The run's complete checkpoints, oldest first."""
         return list_checkpoints(self.run_dir)

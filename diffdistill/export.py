@@ -1,0 +1,188 @@
+"""Export a distilled student as a diffusers pipeline directory that plain diffusers loads and runs
+exactly as diffdistill sampled it (``DiffusionPipeline.from_pretrained(path)``; no remote code).
+
+The student's few-step sampler maps onto one of diffusers' own schedulers:
+
+- ``sde`` students (consistency, iCT, DMD/DMD2, VSD, SiD: denoise, then re-noise with fresh noise) →
+  ``LCMScheduler``. Its ``step`` is ``x0 = c_out·x̂0 + c_skip·x`` then ``α_prev·x0 + σ_prev·ε``; with
+  ``timestep_scaling = 1e6`` the boundary scalings are ``c_skip < 1e-12`` and ``|c_out − 1| < 1e-12`` at
+  every timestep ≥ 1, so it is exactly our re-noising sampler. ``original_inference_steps`` is chosen so
+  that ``set_timesteps(n)`` yields the student's own timestep list.
+- ``ode`` students (progressive distillation: deterministic DDIM steps) → ``DDIMScheduler`` (η = 0,
+  ``set_alpha_to_one``), with the spacing that reproduces the student's grid.
+
+Every step count ``1 … max`` is checked when exporting: the model card lists the counts whose diffusers
+timesteps equal the student's, and an export whose requested count does not match is refused.
+
+Pixel-space UNet2DModel students (unconditional or class-conditional) export as a
+``ConsistencyModelPipeline``: diffusers' generic "UNet2DModel + scheduler (+ class labels)" pipeline,
+which calls ``scheduler.scale_model_input`` (identity here), the UNet, and ``scheduler.step`` per
+timestep. Text-conditioned and latent students, LoRA students and LCM's guidance-embedding students are
+not exported yet; they are refused with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, DiffDistillError
+from .pretrained import META_FILE
+
+CARD_FILE = "README.md"
+TIMESTEP_SCALING = 1.0e6  # LCMScheduler boundary condition: c_skip = 0.25 / ((t·1e6)² + 0.25) ≈ 0 for t ≥ 1
+
+
+def _teacher_scheduler_config(run) -> dict[str, Any]:
+    path = run.method.teacher.path / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise DiffDistillError(f"the teacher of {run.run_dir} has no diffusers scheduler config ({path}); only "
+                               "students of diffusers teachers can be exported")
+    return json.loads(path.read_text())
+
+
+def build_scheduler(teacher_config: dict[str, Any], sampler: str, max_steps: int, spacing: str = "trailing"):
+    """The diffusers scheduler for a student ``sampler`` ("sde" or "ode"), on the teacher's noise schedule."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+            "rescale_betas_zero_snr", "steps_offset")
+    base = {k: teacher_config[k] for k in keep if k in teacher_config}
+    common = {**base, "clip_sample": False, "thresholding": False, "set_alpha_to_one": True}
+    if sampler == "sde":
+        return LCMScheduler(**common, original_inference_steps=max(4, max_steps), timestep_scaling=TIMESTEP_SCALING)
+    if sampler in ("ode", "ddim"):
+        return DDIMScheduler(**common, timestep_spacing=spacing)
+    raise ConfigError(f"no diffusers scheduler reproduces the '{sampler}' student sampler")
+
+
+def scheduler_timesteps(scheduler, num_steps: int) -> list[int] | None:
+    """``scheduler.set_timesteps(num_steps)``'s list, or None when it refuses that count."""
+    try:
+        scheduler.set_timesteps(num_steps)
+    except ValueError:
+        return None
+    return [int(t) for t in scheduler.timesteps]
+
+
+def matching_step_counts(run, scheduler, max_steps: int) -> dict[int, list[int]]:
+    """Step counts ``n ≤ max_steps`` for which the scheduler visits exactly the student's timesteps."""
+    out = {}
+    for n in range(1, max_steps + 1):
+        ours = run.method.student_timesteps(n)
+        theirs = scheduler_timesteps(scheduler, n)
+        if theirs is not None and len(theirs) == len(ours) and all(abs(a - b) < 1e-9 for a, b in zip(ours, theirs)):
+            out[n] = theirs
+    return out
+
+
+def _check_exportable(run) -> None:
+    from diffusers import UNet2DModel
+
+    network = run.method.trainable_roles()["student"]
+    if not isinstance(network, UNet2DModel):
+        raise DiffDistillError(f"exporting a {type(network).__name__} student is not supported yet; pixel-space "
+                               "UNet2DModel students (unconditional or class-conditional) export today")
+    if run.method.teacher.vae is not None or run.method.teacher.text_conditioned:
+        raise DiffDistillError("exporting latent or text-conditioned students is not supported yet")
+    if getattr(network.time_embedding, "cond_proj", None) is not None:
+        raise DiffDistillError(f"the {run.cfg.method} student takes a guidance embedding through a cond_proj that "
+                               "UNet2DModel does not record (fed by a forward hook), so plain diffusers cannot "
+                               "reproduce it; exporting it is not supported yet")
+
+
+def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, steps: int | None = None,
+               checkpoint: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``run_dir``'s student as a diffusers pipeline into ``output``; returns what was exported."""
+    from diffusers import ConsistencyModelPipeline
+
+    from .trainers.saved_run import SavedRun
+
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise DiffDistillError(f"export directory {output} is not empty; pass --overwrite or choose another")
+    run = SavedRun(run_dir, checkpoint)
+    _check_exportable(run)
+    default_steps = steps or run.default_steps
+    max_steps = max(4, default_steps)
+    scheduler = build_scheduler(_teacher_scheduler_config(run), run.method.student_sampler, max_steps)
+    matches = matching_step_counts(run, scheduler, max_steps)
+    if run.method.student_sampler in ("ode", "ddim") and default_steps not in matches:
+        for spacing in ("leading", "linspace"):
+            scheduler = build_scheduler(_teacher_scheduler_config(run), run.method.student_sampler, max_steps, spacing)
+            matches = matching_step_counts(run, scheduler, max_steps)
+            if default_steps in matches:
+                break
+    if default_steps not in matches:
+        theirs = scheduler_timesteps(scheduler, default_steps)
+        raise DiffDistillError(f"the {default_steps}-step student visits timesteps "
+                               f"{[round(t, 3) for t in run.method.student_timesteps(default_steps)]}, which no "
+                               f"diffusers scheduler setting reproduces (closest: {theirs}); diffusers schedulers "
+                               "index integer timesteps")
+    network, weights = run.student_network(ema)
+    pipe = ConsistencyModelPipeline(unet=network, scheduler=scheduler)
+    if output.exists():
+        shutil.rmtree(output)
+    pipe.save_pretrained(output, safe_serialization=True)
+    info = {"run": str(run.run_dir), "method": run.cfg.method, "checkpoint": run.checkpoint.name,
+            "train_step": run.step, "weights": weights, "sampler": run.method.student_sampler,
+            "scheduler": type(scheduler).__name__, "default_steps": default_steps,
+            "timesteps": {str(n): t for n, t in matches.items()},
+            "num_classes": run.method.teacher.num_classes, "teacher": run.cfg.teacher or "shipped digits teacher"}
+    (output / CARD_FILE).write_text(model_card(info, run.run_dir))
+    # what diffusers does not record, for `diffdistill eval --model` and `distill --teacher` (ignored by diffusers)
+    meta = {k: v for k, v in run.method.teacher.meta.items() if k in ("num_classes", "null_class", "sample_shape")}
+    meta["student"] = {"method": info["method"], "sampler": info["sampler"], "timesteps": info["timesteps"],
+                       "default_steps": default_steps}
+    (output / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return info
+
+
+def model_card(info: dict[str, Any], run_dir: Path) -> str:
+    """The export's README.md: what the student is, how to call it, and its metrics when evaluated."""
+    counts = ", ".join(f"{n} ({info['timesteps'][n]})" for n in info["timesteps"])
+    call_args = "class_labels=[0, 1, 2, 3], batch_size=4" if info["num_classes"] else "batch_size=4"
+    lines = [
+        "---", "library_name: diffusers", "tags: [diffdistill, few-step, distillation]", "---", "",
+        f"# {info['method']} student ({info['default_steps']}-step)", "",
+        f"Distilled with [diffdistill](https://github.com/) method `{info['method']}` from teacher "
+        f"`{info['teacher']}`; {info['weights']} weights of checkpoint `{info['checkpoint']}` "
+        f"(training step {info['train_step']}).", "",
+        f"Scheduler: `{info['scheduler']}`, configured so that `num_inference_steps=n` visits exactly the "
+        f"student's timesteps for n = {counts}.", "",
+        "```python", "import torch", "from diffusers import DiffusionPipeline", "",
+        'pipe = DiffusionPipeline.from_pretrained("PATH")',
+        f"images = pipe({call_args}, num_inference_steps={info['default_steps']}, "
+        "generator=torch.Generator().manual_seed(0)).images", "```", "",
+        f"Pass `num_inference_steps={info['default_steps']}`: the pipeline's own default is 1 step.", "",
+    ]
+    metrics_file = Path(run_dir) / "metrics.json"
+    if metrics_file.is_file():
+        m = json.loads(metrics_file.read_text())
+        lines += [f"## Metrics ({m.get('feature_extractor')} features, {m.get('num_samples')} samples, seeds "
+                  f"{m.get('seeds')})", "", "| model | steps | FID |", "|---|---|---|"]
+        for who in ("student", "teacher"):
+            for n, v in m.get(who, {}).get("fid", {}).items():
+                lines.append(f"| {who} | {n} | {v:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def sample_run(run_dir: str | Path, num_steps: int, labels: torch.Tensor | None, num: int, *, seed: int = 0,
+               ema: bool = True, checkpoint: str | None = None, device: str = "cpu") -> torch.Tensor:
+    """``num`` images from a run's student exactly as training and evaluation sample it (one batch)."""
+    from .denoiser import Conditioning
+    from .samplers import generate
+    from .trainers.saved_run import SavedRun
+
+    run = SavedRun(run_dir, checkpoint, device=device)
+    student = run.student(ema)
+    cond = Conditioning(class_labels=labels) if labels is not None else None
+    x = generate(student, run.method.teacher.sample_shape, num, sampler=run.method.student_sampler,
+                 timesteps=run.method.student_timesteps(num_steps), cond=cond, seed=seed, batch_size=num, device=device)
+    return run.method.teacher.decode(x)
