@@ -127,3 +127,12 @@ def test_eval_reads_an_export_as_the_student_it_is(tmp_path, monkeypatch):
         assert from_export["fid"][n] == pytest.approx(from_run["fid"][n], rel=1e-6)
     assert main(["eval", "--model", str(export), "--steps", "3", "--num", "140", "--quiet",
                  "--output", str(tmp_path / "x")]) == 2
+
+
+def test_distill_takes_an_exported_pipeline_as_its_teacher(tmp_path):
+    run = tiny_run(tmp_path, "dmd2_4step.yaml", "critic.updates=1", steps=1)
+    export = tmp_path / "export"
+    assert main(["export", "--run", str(run), "--output", str(export)]) == 0
+    second = tiny_run(tmp_path / "second", "dmd2.yaml", "critic.updates=1", f"teacher={export}", steps=1)
+    saved = (second / "config.yaml").read_text()
+    assert str(export) in saved and (second / "checkpoints").is_dir()
