@@ -114,10 +114,14 @@ class ImageFolderDataset(Dataset):
     Labels are the indices of the sorted class subfolder names (:attr:`classes`) when
     ``class_subfolders`` is true, or when it is ``None`` and every image lies directly in one of at
     least two subfolders of ``root``; otherwise every label is ``-1`` and :attr:`num_classes` is 0.
+
+    With ``captions``, every image needs a UTF-8 ``.txt`` caption beside it (``cat.png`` → ``cat.txt``),
+    kept in :attr:`captions`; an item's label is then its own index, so a batch's captions are
+    ``captions[labels]``.
     """
 
     def __init__(self, root: str | Path, resolution: int, channels: int = 3,
-                 class_subfolders: bool | None = None) -> None:
+                 class_subfolders: bool | None = None, captions: bool = False) -> None:
         self.root = Path(root)
         if channels not in (1, 3):
             raise DataError(f"image folder {self.root}: channels must be 1 or 3, got {channels}")
@@ -146,6 +150,14 @@ class ImageFolderDataset(Dataset):
             self.classes = []
             self.labels = [-1] * len(self.paths)
         self.num_classes = len(self.classes)
+        self.captions: list[str] | None = None
+        if captions:
+            missing = next((p for p in self.paths if not p.with_suffix(".txt").is_file()), None)
+            if missing is not None:
+                raise DataError(f"image {missing} has no caption file {missing.with_suffix('.txt').name}; write one "
+                                "beside every image or set data.captions=false")
+            self.captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in self.paths]
+            self.classes, self.num_classes, self.labels = [], 0, list(range(len(self.paths)))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -191,6 +203,8 @@ class DataConfig:
     mixture: str = option("ring8", help="exact samples of this mixture (dataset=analytic; see diffdistill.toy)")
     resolution: int = option(16, min=8, max=1024)
     channels: int = option(1, min=1, max=4)
+    captions: bool = option(False, help="read a .txt caption beside each image (dataset=folder): the prompts "
+                                        "a text-conditioned teacher is conditioned on")
 
     def validate(self) -> None:
         if self.dataset == "folder" and not self.path:
@@ -207,7 +221,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
         if cfg.channels != 1:
             raise ConfigError("the digits data set has one channel: set data.channels=1")
         return DigitsDataset(split, cfg.resolution)
-    return ImageFolderDataset(cfg.path, cfg.resolution, channels=cfg.channels)
+    return ImageFolderDataset(cfg.path, cfg.resolution, channels=cfg.channels, captions=cfg.captions)
 
 
 def random_batch(dataset: Dataset, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,8 +17,10 @@ timesteps equal the student's, and an export whose requested count does not matc
 Pixel-space UNet2DModel students (unconditional or class-conditional) export as a
 ``ConsistencyModelPipeline``: diffusers' generic "UNet2DModel + scheduler (+ class labels)" pipeline,
 which calls ``scheduler.scale_model_input`` (identity here), the UNet, and ``scheduler.step`` per
-timestep. Text-conditioned and latent students, LoRA students and LCM's guidance-embedding students are
-not exported yet; they are refused with one clear line.
+timestep. Latent text-conditioned UNet2DConditionModel students export as a ``StableDiffusionPipeline``
+with the teacher's VAE, text encoder and tokenizer (call it with ``guidance_scale=1``: the student is
+unguided). LoRA students and LCM's guidance-embedding students are not exported yet; they are refused
+with one clear line.
 """
 
 from __future__ import annotations
@@ -80,33 +82,46 @@ def matching_step_counts(run, scheduler, max_steps: int) -> dict[int, list[int]]
     return out
 
 
-def _check_exportable(run) -> None:
-    from diffusers import UNet2DModel
+def pipeline_class(run):
+    """The diffusers pipeline class that runs the run's student: ``ConsistencyModelPipeline`` for
+    pixel-space UNet2DModel students (unconditional or class-conditional), ``StableDiffusionPipeline`` for
+    latent text-conditioned UNet2DConditionModel students; anything else is refused in one line."""
+    from diffusers import ConsistencyModelPipeline, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
 
-    network = run.method.trainable_roles()["student"]
-    if not isinstance(network, UNet2DModel):
-        raise DiffDistillError(f"exporting a {type(network).__name__} student is not supported yet; pixel-space "
-                               "UNet2DModel students (unconditional or class-conditional) export today")
-    if run.method.teacher.vae is not None or run.method.teacher.text_conditioned:
-        raise DiffDistillError("exporting latent or text-conditioned students is not supported yet")
-    if getattr(network.time_embedding, "cond_proj", None) is not None:
-        raise DiffDistillError(f"the {run.cfg.method} student takes a guidance embedding through a cond_proj that "
-                               "UNet2DModel does not record (fed by a forward hook), so plain diffusers cannot "
-                               "reproduce it; exporting it is not supported yet")
+    teacher, network = run.method.teacher, run.method.trainable_roles()["student"]
+    if isinstance(network, UNet2DModel) and teacher.vae is None:
+        if getattr(network.time_embedding, "cond_proj", None) is not None:
+            raise DiffDistillError(f"the {run.cfg.method} student takes a guidance embedding through a cond_proj that "
+                                   "UNet2DModel does not record (fed by a forward hook), so plain diffusers cannot "
+                                   "reproduce it; exporting it is not supported yet")
+        return ConsistencyModelPipeline
+    if isinstance(network, UNet2DConditionModel) and teacher.vae is not None and teacher.text_encoder is not None:
+        return StableDiffusionPipeline
+    kind = "latent" if teacher.vae is not None else "pixel-space"
+    raise DiffDistillError(f"exporting a {kind} {type(network).__name__} student is not supported yet; pixel-space "
+                           "UNet2DModel students and latent text-conditioned UNet2DConditionModel students export")
+
+
+def build_pipeline(run, network, scheduler):
+    """An instance of :func:`pipeline_class` holding ``network`` and ``scheduler`` (and, for Stable
+    Diffusion, the teacher's VAE, text encoder and tokenizer; no safety checker)."""
+    cls, teacher = pipeline_class(run), run.method.teacher
+    if cls.__name__ == "ConsistencyModelPipeline":
+        return cls(unet=network, scheduler=scheduler)
+    return cls(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=network,
+               scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, steps: int | None = None,
                checkpoint: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write ``run_dir``'s student as a diffusers pipeline into ``output``; returns what was exported."""
-    from diffusers import ConsistencyModelPipeline
-
     from .trainers.saved_run import SavedRun
 
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise DiffDistillError(f"export directory {output} is not empty; pass --overwrite or choose another")
     run = SavedRun(run_dir, checkpoint)
-    _check_exportable(run)
+    pipeline_class(run)  # refuse what cannot be exported before any work
     default_steps = steps or run.default_steps
     max_steps = max(4, default_steps)
     scheduler = build_scheduler(_teacher_scheduler_config(run), run.method.student_sampler, max_steps)
@@ -124,7 +139,7 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
                                f"diffusers scheduler setting reproduces (closest: {theirs}); diffusers schedulers "
                                "index integer timesteps")
     network, weights = run.student_network(ema)
-    pipe = ConsistencyModelPipeline(unet=network, scheduler=scheduler)
+    pipe = build_pipeline(run, network, scheduler)
     if output.exists():
         shutil.rmtree(output)
     pipe.save_pretrained(output, safe_serialization=True)
@@ -132,7 +147,8 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
             "train_step": run.step, "weights": weights, "sampler": run.method.student_sampler,
             "scheduler": type(scheduler).__name__, "default_steps": default_steps,
             "timesteps": {str(n): t for n, t in matches.items()},
-            "num_classes": run.method.teacher.num_classes, "teacher": run.cfg.teacher or "shipped digits teacher"}
+            "num_classes": run.method.teacher.num_classes, "text": run.method.teacher.text_conditioned,
+            "pipeline": type(pipe).__name__, "teacher": run.cfg.teacher or "shipped digits teacher"}
     (output / CARD_FILE).write_text(model_card(info, run.run_dir))
     # what diffusers does not record, for `diffdistill eval --model` and `distill --teacher` (ignored by diffusers)
     meta = {k: v for k, v in run.method.teacher.meta.items() if k in ("num_classes", "null_class", "sample_shape")}
@@ -145,7 +161,8 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
 def model_card(info: dict[str, Any], run_dir: Path) -> str:
     """The export's README.md: what the student is, how to call it, and its metrics when evaluated."""
     counts = ", ".join(f"{n} ({info['timesteps'][n]})" for n in info["timesteps"])
-    call_args = "class_labels=[0, 1, 2, 3], batch_size=4" if info["num_classes"] else "batch_size=4"
+    call_args = ('prompt=["a photo of a cat"], guidance_scale=1.0' if info["text"] else
+                 "class_labels=[0, 1, 2, 3], batch_size=4" if info["num_classes"] else "batch_size=4")
     lines = [
         "---", "library_name: diffusers", "tags: [diffdistill, few-step, distillation]", "---", "",
         f"# {info['method']} student ({info['default_steps']}-step)", "",
@@ -158,7 +175,9 @@ def model_card(info: dict[str, Any], run_dir: Path) -> str:
         'pipe = DiffusionPipeline.from_pretrained("PATH")',
         f"images = pipe({call_args}, num_inference_steps={info['default_steps']}, "
         "generator=torch.Generator().manual_seed(0)).images", "```", "",
-        f"Pass `num_inference_steps={info['default_steps']}`: the pipeline's own default is 1 step.", "",
+        f"Pass `num_inference_steps={info['default_steps']}`: the pipeline's own default differs."
+        + (" Pass `guidance_scale=1.0`: the student is unguided, and the pipeline's default (7.5) would run "
+           "classifier-free guidance on it." if info["text"] else ""), "",
     ]
     metrics_file = Path(run_dir) / "metrics.json"
     if metrics_file.is_file():
@@ -174,8 +193,10 @@ def model_card(info: dict[str, Any], run_dir: Path) -> str:
 
 @torch.no_grad()
 def sample_run(run_dir: str | Path, num_steps: int, labels: torch.Tensor | None, num: int, *, seed: int = 0,
-               ema: bool = True, checkpoint: str | None = None, device: str = "cpu") -> torch.Tensor:
-    """``num`` images from a run's student exactly as training and evaluation sample it (one batch)."""
+               ema: bool = True, checkpoint: str | None = None, device: str = "cpu",
+               prompts: list[str] | None = None) -> torch.Tensor:
+    """``num`` images from a run's student exactly as training and evaluation sample it (one batch), for
+    class ``labels`` or, for a text-conditioned student, ``prompts``."""
     from .denoiser import Conditioning
     from .samplers import generate
     from .trainers.saved_run import SavedRun
@@ -183,6 +204,8 @@ def sample_run(run_dir: str | Path, num_steps: int, labels: torch.Tensor | None,
     run = SavedRun(run_dir, checkpoint, device=device)
     student = run.student(ema)
     cond = Conditioning(class_labels=labels) if labels is not None else None
+    if prompts is not None:
+        cond = run.method.teacher.encode_prompts(prompts)
     x = generate(student, run.method.teacher.sample_shape, num, sampler=run.method.student_sampler,
                  timesteps=run.method.student_timesteps(num_steps), cond=cond, seed=seed, batch_size=num, device=device)
     return run.method.teacher.decode(x)

@@ -96,6 +96,15 @@ class Pretrained:
         uncond = states[unique.index(negative_prompt)].expand(len(prompts), *states.shape[1:])
         return Conditioning(encoder_hidden_states=states[index], uncond_encoder_hidden_states=uncond.contiguous())
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] → latents (the VAE posterior's mode, times its scaling factor; identity for
+        pixel-space teachers)."""
+        if self.vae is None:
+            return images
+        scale = getattr(self.vae.config, "scaling_factor", 1.0)
+        return (self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode() * scale).to(images.dtype)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [-1, 1] (identity for pixel-space teachers)."""
         if self.vae is None:

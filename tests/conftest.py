@@ -126,3 +126,44 @@ def tiny_text_pipeline(path, cross_dim: int = 12, channels: int = 3, seed: int =
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path
+
+
+def tiny_latent_text_pipeline(path, seed: int = 0):
+    """A latent text-to-image teacher directory in Stable Diffusion's layout: tiny AutoencoderKL (RGB 16 px
+    ↔ 2×8×8 latents), tiny UNet2DConditionModel, CLIP text encoder and tokenizer, DDPM scheduler."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+    from diffusers import AutoencoderKL
+
+    path = Path(tiny_text_pipeline(path, channels=2, seed=seed))
+    torch.manual_seed(seed + 1)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+                  norm_num_groups=4, sample_size=16,
+                  down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D")).save_pretrained(path / "vae",
+                                                                                          safe_serialization=True)
+    index = json.loads((path / "model_index.json").read_text())
+    index.update({"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+                  "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
+                  "feature_extractor": [None, None], "requires_safety_checker": False})
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def captioned_folder(path, num: int = 12, size: int = 16, seed: int = 0):
+    """``num`` random RGB PNGs, each with a ``.txt`` caption beside it."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = ["a red circle", "two cats", "a zero", "a blue square"]
+    for i in range(num):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
+        (path / f"{i:03d}.txt").write_text(words[i % len(words)])
+    return path

@@ -136,3 +136,45 @@ def test_distill_takes_an_exported_pipeline_as_its_teacher(tmp_path):
     second = tiny_run(tmp_path / "second", "dmd2.yaml", "critic.updates=1", f"teacher={export}", steps=1)
     saved = (second / "config.yaml").read_text()
     assert str(export) in saved and (second / "checkpoints").is_dir()
+
+
+PLAIN_DIFFUSERS_TEXT = r'''
+import json, sys, torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
+path, out, prompts, seed = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+pipe = DiffusionPipeline.from_pretrained(path)
+pipe.set_progress_bar_config(disable=True)
+images = {str(n): pipe(prompt=prompts, num_inference_steps=n, guidance_scale=1.0, output_type="pt",
+                       generator=torch.Generator().manual_seed(seed)).images.contiguous() for n in (1, 2, 4)}
+assert "diffdistill" not in sys.modules
+save_file(images, out)
+print(type(pipe).__name__, type(pipe.scheduler).__name__)
+'''
+
+
+def test_text_conditioned_latent_student_exports_as_stable_diffusion(tmp_path):
+    from conftest import captioned_folder, tiny_latent_text_pipeline
+
+    from diffdistill.export import sample_run
+
+    teacher = tiny_latent_text_pipeline(tmp_path / "teacher")
+    data = captioned_folder(tmp_path / "data")
+    run = tiny_run(tmp_path, "dmd2_4step.yaml", "critic.updates=1", f"teacher={teacher}", "data.dataset=folder",
+                   f"data.path={data}", "data.channels=3", "data.captions=true", steps=2)
+    export = tmp_path / "export"
+    assert main(["export", "--run", str(run), "--output", str(export)]) == 0
+    assert "guidance_scale=1.0" in (export / "README.md").read_text()
+    prompts, seed = ["two cats", "a zero", "two cats"], 4
+    script = tmp_path / "plain_text.py"
+    script.write_text(PLAIN_DIFFUSERS_TEXT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(script), str(export), str(tmp_path / "plain.safetensors"),
+                             json.dumps(prompts), str(seed)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "StableDiffusionPipeline LCMScheduler" in result.stdout
+    theirs = load_file(tmp_path / "plain.safetensors")
+    for n in (1, 2, 4):
+        ours = (sample_run(run, n, None, len(prompts), seed=seed, prompts=prompts) / 2 + 0.5).clamp(0, 1)
+        assert ours.shape == theirs[str(n)].shape == (3, 3, 16, 16)
+        assert (ours - theirs[str(n)]).abs().max().item() <= 1e-5, n

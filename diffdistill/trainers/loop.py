@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..config import save_config, to_dict
 from ..data import build_dataset, random_batch
 from ..denoiser import Conditioning, standard_guidance_scale
-from ..errors import DiffDistillError
+from ..errors import DataError, DiffDistillError
 from ..grid import save_grid
 from ..pretrained import load_pretrained
 from ..samplers import generate
@@ -84,6 +84,9 @@ class Trainer:
         self.ema = {d: copy.deepcopy(self.roles["student"]).eval().requires_grad_(False) for d in cfg.train.ema_decays}
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.dataset = build_dataset(cfg.data)
+        if self.method.teacher.text_conditioned and not getattr(self.dataset, "captions", None):
+            raise DataError("the teacher is text-conditioned: train on captioned images (data.dataset=folder, "
+                            "data.captions=true, a .txt caption beside each image)")
         self.step = 0
         self.ema_start = 0  # the step the EMA copies were last (re)started from the student
 
@@ -123,10 +126,17 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, Conditioning]:
+        """A random batch: images (as latents for a latent teacher) and their conditioning (class labels,
+        or the text embeddings of their captions for a text-conditioned teacher)."""
         x0, labels = random_batch(self.dataset, self.cfg.train.batch_size, self.generator)
-        device = self.accelerator.device
-        cond = Conditioning(class_labels=labels.to(device)) if self.method.teacher.num_classes else Conditioning()
-        return x0.to(device), cond
+        device, teacher = self.accelerator.device, self.method.teacher
+        if teacher.text_conditioned:
+            cond = teacher.encode_prompts([self.dataset.captions[int(i)] for i in labels])
+        elif teacher.num_classes:
+            cond = Conditioning(class_labels=labels.to(device))
+        else:
+            cond = Conditioning()
+        return teacher.encode(x0.to(device)), cond
 
     def train_step(self) -> dict[str, float]:
         x0, cond = self._batch()
@@ -214,6 +224,9 @@ class Trainer:
         classes = self.method.teacher.num_classes
         num = num_per_class * max(classes, 1) if classes else 16
         cond = Conditioning(class_labels=torch.arange(num) % classes) if classes else None
+        if self.method.teacher.text_conditioned:  # the first captions, cycled
+            captions = self.dataset.captions
+            cond = self.method.teacher.encode_prompts([captions[i % len(captions)] for i in range(num)])
         paths = []
         for n in self.cfg.sample_steps:
             images = generate(student, self.method.teacher.sample_shape, num, sampler=self.method.student_sampler,

@@ -86,8 +86,12 @@ class ScoreDistillation(Method):
         self.head: DiscriminatorHead | None = None
         if cfg.gan.enabled:
             device = next(network.parameters()).device
-            cond = Conditioning(class_labels=torch.zeros(1, dtype=torch.long, device=device)) if teacher.num_classes \
-                else Conditioning()
+            if teacher.text_conditioned:  # a probe batch for the feature shape: the empty prompt
+                cond = teacher.encode_prompts([""])
+            elif teacher.num_classes:
+                cond = Conditioning(class_labels=torch.zeros(1, dtype=torch.long, device=device))
+            else:
+                cond = Conditioning()
             with torch.random.fork_rng(devices=[]):  # the head's init depends on the run's seed only
                 torch.manual_seed(cfg.train.seed)
                 self.head = DiscriminatorHead.for_source(self.gan_source(), teacher.sample_shape, cond, device)
