@@ -173,3 +173,27 @@ def test_ema_average_restarts_its_rampup_with_each_round(tiny_teacher_dir, tmp_p
     resumed = Trainer(cfg, tmp_path / "run", progress=False)
     resumed.load(latest_checkpoint(tmp_path / "run"))
     assert resumed.ema_start == 7
+
+
+class _Payload:
+    """Unpickling this would run ``os.system``: a checkpoint must never get that far."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("echo pwned > /dev/null",)
+
+
+def test_pickle_bearing_checkpoint_is_refused(tmp_path):
+    import hashlib
+
+    from diffdistill.errors import DiffDistillError
+    from diffdistill.trainers.checkpoint import MANIFEST, STATE_FILE, load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(tmp_path, 1, {"student": {"w": torch.zeros(2)}}, {"step": 1}, keep=1)
+    torch.save({"step": 1, "evil": _Payload()}, path / STATE_FILE)
+    manifest = json.loads((path / MANIFEST).read_text())  # a forged checkpoint: its manifest matches its files
+    manifest["files"][STATE_FILE] = hashlib.sha256((path / STATE_FILE).read_bytes()).hexdigest()
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DiffDistillError, match="never unpickles"):
+        load_checkpoint(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,13 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
         raise DiffDistillError(f"checkpoint {path} is incomplete or corrupt (manifest mismatch); delete it to "
                                "resume from an older one")
     networks = {p.stem: load_file(p) for p in sorted(path.glob("*.safetensors"))}
-    return networks, torch.load(path / STATE_FILE, weights_only=True)
+    try:
+        state = torch.load(path / STATE_FILE, weights_only=True)
+    except pickle.UnpicklingError as exc:  # anything beyond tensors and plain containers
+        reason = (str(exc).splitlines() or ["unpickling refused"])[0][:200]
+        raise DiffDistillError(f"refusing {path / STATE_FILE}: it holds objects other than tensors and plain "
+                               f"Python values, which diffdistill never unpickles ({reason})") from exc
+    return networks, state
 
 
 def shared_keys(module: nn.Module, frozen: nn.Module) -> set[str]:
