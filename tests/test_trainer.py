@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffdistill.cli import main
+from diffdistill.errors import DiffDistillError
 from diffdistill.trainers.checkpoint import latest_checkpoint, list_checkpoints
 from diffdistill.trainers.loop import Trainer, distill
 from diffdistill.trainers.method import load_distill_config
@@ -187,7 +188,6 @@ class _Payload:
 def test_pickle_bearing_checkpoint_is_refused(tmp_path):
     import hashlib
 
-    from diffdistill.errors import DiffDistillError
     from diffdistill.trainers.checkpoint import MANIFEST, STATE_FILE, load_checkpoint, save_checkpoint
 
     path = save_checkpoint(tmp_path, 1, {"student": {"w": torch.zeros(2)}}, {"step": 1}, keep=1)
@@ -197,3 +197,42 @@ def test_pickle_bearing_checkpoint_is_refused(tmp_path):
     (path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DiffDistillError, match="never unpickles"):
         load_checkpoint(path)
+
+
+def _nan_on(steps):
+    """Wrap a trainer's method.loss so the listed steps' losses are NaN."""
+    def wrap(trainer):
+        original = trainer.method.loss
+
+        def loss(phase, batch, step, generator):
+            terms = original(phase, batch, step, generator)
+            if step in steps:
+                terms["loss"] = terms["loss"] * float("nan")
+            return terms
+        trainer.method.loss = loss
+        return trainer
+    return wrap
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tiny_teacher_dir, tmp_path):
+    trainer = _nan_on({3, 4})(Trainer(pd_config(tiny_teacher_dir, "train.max_steps=6"), tmp_path / "r", progress=False))
+    for _ in range(3):
+        trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.roles["student"].state_dict().items()}
+    ema_before = {k: v.clone() for k, v in trainer.ema[0.9].state_dict().items()}
+    for _ in range(2):  # steps 3 and 4: skipped
+        logged = trainer.train_step()
+    assert logged["train/nonfinite_steps"] == 2.0 and trainer.nonfinite_streak == 2
+    assert all(torch.equal(before[k], v) for k, v in trainer.roles["student"].state_dict().items())
+    assert all(torch.equal(ema_before[k], v) for k, v in trainer.ema[0.9].state_dict().items())
+    trainer.train_step()  # step 5 is finite again: training resumes, the streak resets
+    assert trainer.nonfinite_streak == 0 and trainer.nonfinite_total == 2
+    assert any(not torch.equal(before[k], v) for k, v in trainer.roles["student"].state_dict().items())
+
+
+def test_too_many_nonfinite_steps_stop_with_the_last_checkpoint_intact(tiny_teacher_dir, tmp_path):
+    cfg = pd_config(tiny_teacher_dir, "train.max_nonfinite_steps=3", "train.checkpoint_every=2")
+    trainer = _nan_on(set(range(4, 100)))(Trainer(cfg, tmp_path / "r", progress=False))
+    with pytest.raises(DiffDistillError, match="3 training steps in a row .* step_0000006"):
+        trainer.run()
+    assert latest_checkpoint(tmp_path / "r").name == "step_0000006"  # written during the streak: weights of step 4

@@ -89,6 +89,7 @@ class Trainer:
                             "data.captions=true, a .txt caption beside each image)")
         self.step = 0
         self.ema_start = 0  # the step the EMA copies were last (re)started from the student
+        self.nonfinite_streak = self.nonfinite_total = 0
 
     # --- checkpoints ---------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
@@ -104,6 +105,7 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"step": self.step, "ema_start": self.ema_start, "generator": self.generator.get_state(),
+                 "nonfinite": [self.nonfinite_streak, self.nonfinite_total],
                  "method": self.method.state_dict(),
                  "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
                  "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()}}
@@ -123,6 +125,7 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
         self.ema_start = int(state["ema_start"])
+        self.nonfinite_streak, self.nonfinite_total = (int(v) for v in state.get("nonfinite", (0, 0)))
 
     # --- one step ------------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, Conditioning]:
@@ -139,33 +142,54 @@ class Trainer:
         return teacher.encode(x0.to(device)), cond
 
     def train_step(self) -> dict[str, float]:
+        """One step: every phase's updates, then the EMA. A phase update whose loss or gradient norm is
+        not finite is skipped (no optimizer or EMA update; the data and RNG still advance), counted in
+        ``train/nonfinite_steps``; ``train.max_nonfinite_steps`` such steps in a row stop the run."""
         x0, cond = self._batch()
-        accum, logged = self.cfg.train.grad_accum, {}
+        accum, logged, finite = self.cfg.train.grad_accum, {}, True
         for phase in self.method.phases(self.step):
             roles = (phase.role,) if isinstance(phase.role, str) else tuple(phase.role)
             self._trainable(roles)  # other roles' weights get no gradients (DMD2 freezes its critic likewise)
             for _ in range(phase.repeat):
+                update_finite = True
                 for xs, idx in zip(x0.chunk(accum), torch.arange(len(x0)).chunk(accum)):
                     with self.accelerator.autocast():
                         terms = self.method.loss(phase.name, (xs, cond[idx.to(xs.device)]), self.step, self.generator)
+                    if not torch.isfinite(terms["loss"].detach()).all():
+                        update_finite = False
+                        break
                     self.accelerator.backward(terms["loss"] / accum)
                     for k, v in terms.items():
                         logged[f"{phase.name}/{k}"] = logged.get(f"{phase.name}/{k}", 0.0) + v.item() / accum / phase.repeat
                 for role in roles:  # only these roles' weights received gradients
-                    if self.cfg.train.grad_clip > 0:
-                        self.accelerator.clip_grad_norm_(self._params(role), self.cfg.train.grad_clip)
-                    self.optimizers[role].step()
-                    self.schedulers[role].step()
+                    if update_finite and self.cfg.train.grad_clip > 0:
+                        norm = self.accelerator.clip_grad_norm_(self._params(role), self.cfg.train.grad_clip)
+                        update_finite = bool(torch.isfinite(torch.as_tensor(norm)))
+                if update_finite:
+                    for role in roles:
+                        self.optimizers[role].step()
+                        self.schedulers[role].step()
+                for role in roles:
                     self.optimizers[role].zero_grad(set_to_none=True)
+                finite &= update_finite
         self._trainable(tuple(self.roles))
-        for decay, ema in self.ema.items():
-            ema_update(ema, self.roles["student"], ema_decay(decay, self.step + 1 - self.ema_start,
-                                                              self.cfg.train.ema_rampup))
+        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+        self.nonfinite_total += 0 if finite else 1
+        if finite:
+            for decay, ema in self.ema.items():
+                ema_update(ema, self.roles["student"], ema_decay(decay, self.step + 1 - self.ema_start,
+                                                                  self.cfg.train.ema_rampup))
         if self.method.after_step(self.step):
             for ema in self.ema.values():
                 ema.load_state_dict(self.roles["student"].state_dict())
             self.ema_start = self.step + 1
         self.step += 1
+        if self.nonfinite_streak >= self.cfg.train.max_nonfinite_steps:
+            last = latest_checkpoint(self.run_dir)
+            raise DiffDistillError(f"{self.nonfinite_streak} training steps in a row had a non-finite loss or gradient "
+                                   f"(up to step {self.step}); stopped. The last good checkpoint is "
+                                   f"{last.name if last else 'none'}; lower the learning rates or check the data")
+        logged["train/nonfinite_steps"] = float(self.nonfinite_total)
         return logged
 
     def _params(self, role: str) -> list[torch.Tensor]:

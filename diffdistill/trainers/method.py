@@ -50,6 +50,8 @@ class TrainConfig:
     checkpoint_every: int = option(500, min=1)
     keep_checkpoints: int = option(3, min=1)
     cpu: bool = option(False, help="train on the CPU even when a GPU is present")
+    max_nonfinite_steps: int = option(10, min=1, help="stop after this many consecutive steps with a non-finite "
+                                                      "loss or gradient (each such step is skipped and logged)")
 
 
 @dataclass
