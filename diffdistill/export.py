@@ -36,6 +36,7 @@ from .errors import ConfigError, DiffDistillError
 from .pretrained import META_FILE
 
 CARD_FILE = "README.md"
+GRID_FILE = "samples.png"
 TIMESTEP_SCALING = 1.0e6  # LCMScheduler boundary condition: c_skip = 0.25 / ((t·1e6)² + 0.25) ≈ 0 for t ≥ 1
 
 
@@ -149,6 +150,8 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
             "timesteps": {str(n): t for n, t in matches.items()},
             "num_classes": run.method.teacher.num_classes, "text": run.method.teacher.text_conditioned,
             "pipeline": type(pipe).__name__, "teacher": run.cfg.teacher or "shipped digits teacher"}
+    if not info["text"]:
+        info["grid"] = _sample_grid(run, network, default_steps, output / GRID_FILE)
     (output / CARD_FILE).write_text(model_card(info, run.run_dir))
     # what diffusers does not record, for `diffdistill eval --model` and `distill --teacher` (ignored by diffusers)
     meta = {k: v for k, v in run.method.teacher.meta.items() if k in ("num_classes", "null_class", "sample_shape")}
@@ -156,6 +159,21 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
                        "default_steps": default_steps}
     (output / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return info
+
+
+def _sample_grid(run, network, num_steps: int, path: Path) -> str:
+    """A grid of the exported ``network``'s samples (4 per class, one class per column; or 16), seed 0."""
+    from .denoiser import Conditioning
+    from .grid import save_grid
+    from .samplers import generate
+
+    teacher, classes = run.method.teacher, run.method.teacher.num_classes
+    num = 4 * classes if classes else 16
+    cond = Conditioning(class_labels=torch.arange(num) % classes) if classes else None
+    x = generate(run.method.student_denoiser(network), teacher.sample_shape, num, sampler=run.method.student_sampler,
+                 timesteps=run.method.student_timesteps(num_steps), cond=cond, seed=0, batch_size=num)
+    save_grid(teacher.decode(x), path, ncols=classes or None)
+    return path.name
 
 
 def model_card(info: dict[str, Any], run_dir: Path) -> str:
@@ -175,6 +193,7 @@ def model_card(info: dict[str, Any], run_dir: Path) -> str:
         'pipe = DiffusionPipeline.from_pretrained("PATH")',
         f"images = pipe({call_args}, num_inference_steps={info['default_steps']}, "
         "generator=torch.Generator().manual_seed(0)).images", "```", "",
+        *([f"![{info['default_steps']}-step samples, seed 0]({info['grid']})", ""] if info.get("grid") else []),
         f"Pass `num_inference_steps={info['default_steps']}`: the pipeline's own default differs."
         + (" Pass `guidance_scale=1.0`: the student is unguided, and the pipeline's default (7.5) would run "
            "classifier-free guidance on it." if info["text"] else ""), "",

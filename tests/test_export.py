@@ -59,7 +59,8 @@ def test_export_reproduces_the_student_in_plain_diffusers(tmp_path, config, sche
     export = tmp_path / "export"
     assert main(["export", "--run", str(run), "--output", str(export), "--steps", "4"]) == 0
     card = (export / "README.md").read_text()
-    assert "from_pretrained" in card and "num_inference_steps=4" in card
+    assert "from_pretrained" in card and "num_inference_steps=4" in card and "](samples.png)" in card
+    assert (export / "samples.png").stat().st_size > 0
     index = json.loads((export / "model_index.json").read_text())
     assert index["_class_name"] == "ConsistencyModelPipeline" and index["scheduler"] == ["diffusers", scheduler]
     classes, seed = [0, 3, 7], 5
