@@ -139,7 +139,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     info = export_run(args.run, args.output, ema=not args.no_ema, steps=args.steps, checkpoint=args.checkpoint,
                       overwrite=args.overwrite)
-    print(f"{info['method']} student ({info['scheduler']}, {info['default_steps']} steps; exact at "
+    print(f"{info['method']} student ({info['pipeline']} + {info['scheduler']}, {info['default_steps']}-step; exact at "
           f"{', '.join(info['timesteps'])} steps) -> {args.output}")
 
 

@@ -25,6 +25,7 @@ with one clear line.
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -149,7 +150,8 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
             "scheduler": type(scheduler).__name__, "default_steps": default_steps,
             "timesteps": {str(n): t for n, t in matches.items()},
             "num_classes": run.method.teacher.num_classes, "text": run.method.teacher.text_conditioned,
-            "pipeline": type(pipe).__name__, "teacher": run.cfg.teacher or "shipped digits teacher"}
+            "pipeline": type(pipe).__name__, "teacher": run.cfg.teacher or "shipped digits teacher",
+            "pipeline_default_steps": inspect.signature(type(pipe).__call__).parameters["num_inference_steps"].default}
     if not info["text"]:
         info["grid"] = _sample_grid(run, network, default_steps, output / GRID_FILE)
     (output / CARD_FILE).write_text(model_card(info, run.run_dir))
@@ -184,7 +186,7 @@ def model_card(info: dict[str, Any], run_dir: Path) -> str:
     lines = [
         "---", "library_name: diffusers", "tags: [diffdistill, few-step, distillation]", "---", "",
         f"# {info['method']} student ({info['default_steps']}-step)", "",
-        f"Distilled with [diffdistill](https://github.com/) method `{info['method']}` from teacher "
+        f"Distilled with diffdistill's `{info['method']}` method from teacher "
         f"`{info['teacher']}`; {info['weights']} weights of checkpoint `{info['checkpoint']}` "
         f"(training step {info['train_step']}).", "",
         f"Scheduler: `{info['scheduler']}`, configured so that `num_inference_steps=n` visits exactly the "
@@ -194,7 +196,9 @@ def model_card(info: dict[str, Any], run_dir: Path) -> str:
         f"images = pipe({call_args}, num_inference_steps={info['default_steps']}, "
         "generator=torch.Generator().manual_seed(0)).images", "```", "",
         *([f"![{info['default_steps']}-step samples, seed 0]({info['grid']})", ""] if info.get("grid") else []),
-        f"Pass `num_inference_steps={info['default_steps']}`: the pipeline's own default differs."
+        (f"Pass `num_inference_steps={info['default_steps']}`: the pipeline's own default is "
+         f"{info['pipeline_default_steps']}." if info["pipeline_default_steps"] != info["default_steps"] else
+         f"The pipeline's own default, {info['default_steps']} step(s), is the student's.")
         + (" Pass `guidance_scale=1.0`: the student is unguided, and the pipeline's default (7.5) would run "
            "classifier-free guidance on it." if info["text"] else ""), "",
     ]
