@@ -144,7 +144,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One step: every phase's updates, then the EMA. A phase update whose loss or gradient norm is
         not finite is skipped (no optimizer or EMA update; the data and RNG still advance), counted in
-        ``train/nonfinite_steps``; ``train.max_nonfinite_steps`` such steps in a row stop the run."""
+        ``train/nonfinite_steps`` (logged once non-zero); ``train.max_nonfinite_steps`` such steps in a row stop the run."""
         x0, cond = self._batch()
         accum, logged, finite = self.cfg.train.grad_accum, {}, True
         for phase in self.method.phases(self.step):
@@ -189,7 +189,8 @@ class Trainer:
             raise DiffDistillError(f"{self.nonfinite_streak} training steps in a row had a non-finite loss or gradient "
                                    f"(up to step {self.step}); stopped. The last good checkpoint is "
                                    f"{last.name if last else 'none'}; lower the learning rates or check the data")
-        logged["train/nonfinite_steps"] = float(self.nonfinite_total)
+        if self.nonfinite_total:  # logged from the first skipped step on
+            logged["train/nonfinite_steps"] = float(self.nonfinite_total)
         return logged
 
     def _params(self, role: str) -> list[torch.Tensor]:
