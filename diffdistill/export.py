@@ -31,8 +31,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import ConfigError, DiffDistillError
 from .pretrained import META_FILE
 
@@ -126,11 +124,12 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
     pipeline_class(run)  # refuse what cannot be exported before any work
     default_steps = steps or run.default_steps
     max_steps = max(4, default_steps)
-    scheduler = build_scheduler(_teacher_scheduler_config(run), run.method.student_sampler, max_steps)
+    teacher_config = _teacher_scheduler_config(run)
+    scheduler = build_scheduler(teacher_config, run.method.student_sampler, max_steps)
     matches = matching_step_counts(run, scheduler, max_steps)
     if run.method.student_sampler in ("ode", "ddim") and default_steps not in matches:
         for spacing in ("leading", "linspace"):
-            scheduler = build_scheduler(_teacher_scheduler_config(run), run.method.student_sampler, max_steps, spacing)
+            scheduler = build_scheduler(teacher_config, run.method.student_sampler, max_steps, spacing)
             matches = matching_step_counts(run, scheduler, max_steps)
             if default_steps in matches:
                 break
@@ -165,13 +164,12 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
 
 def _sample_grid(run, network, num_steps: int, path: Path) -> str:
     """A grid of the exported ``network``'s samples (4 per class, one class per column; or 16), seed 0."""
-    from .denoiser import Conditioning
     from .grid import save_grid
     from .samplers import generate
 
     teacher, classes = run.method.teacher, run.method.teacher.num_classes
     num = 4 * classes if classes else 16
-    cond = Conditioning(class_labels=torch.arange(num) % classes) if classes else None
+    cond = teacher.cycled_conditioning(num)
     x = generate(run.method.student_denoiser(network), teacher.sample_shape, num, sampler=run.method.student_sampler,
                  timesteps=run.method.student_timesteps(num_steps), cond=cond, seed=0, batch_size=num)
     save_grid(teacher.decode(x), path, ncols=classes or None)
@@ -213,22 +211,3 @@ def model_card(info: dict[str, Any], run_dir: Path) -> str:
         lines.append("")
     return "\n".join(lines)
 
-
-@torch.no_grad()
-def sample_run(run_dir: str | Path, num_steps: int, labels: torch.Tensor | None, num: int, *, seed: int = 0,
-               ema: bool = True, checkpoint: str | None = None, device: str = "cpu",
-               prompts: list[str] | None = None) -> torch.Tensor:
-    """``num`` images from a run's student exactly as training and evaluation sample it (one batch), for
-    class ``labels`` or, for a text-conditioned student, ``prompts``."""
-    from .denoiser import Conditioning
-    from .samplers import generate
-    from .trainers.saved_run import SavedRun
-
-    run = SavedRun(run_dir, checkpoint, device=device)
-    student = run.student(ema)
-    cond = Conditioning(class_labels=labels) if labels is not None else None
-    if prompts is not None:
-        cond = run.method.teacher.encode_prompts(prompts)
-    x = generate(student, run.method.teacher.sample_shape, num, sampler=run.method.student_sampler,
-                 timesteps=run.method.student_timesteps(num_steps), cond=cond, seed=seed, batch_size=num, device=device)
-    return run.method.teacher.decode(x)

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 META_FILE = "diffdistill.json"
 DENOISER_COMPONENTS = ("unet", "transformer")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # owner/name[@revision]
+
+
+def cycled(items: Sequence[Any], num: int) -> list[Any]:
+    """``num`` items: ``items`` repeated in order (item ``i`` is ``items[i % len(items)]``)."""
+    return [items[i % len(items)] for i in range(num)]
 
 
 def shipped_teacher_path() -> Path:
@@ -95,6 +100,21 @@ class Pretrained:
         index = torch.tensor([unique.index(p) for p in prompts], device=device)
         uncond = states[unique.index(negative_prompt)].expand(len(prompts), *states.shape[1:])
         return Conditioning(encoder_hidden_states=states[index], uncond_encoder_hidden_states=uncond.contiguous())
+
+    def cycled_conditioning(self, num: int, prompts: Sequence[str] | None = None) -> "Conditioning | None":
+        """Conditioning for ``num`` samples that every sampling path shares (evaluation, sample grids,
+        export grids, probes): class labels cycling ``0 … C−1`` (balanced classes), the ``prompts`` cycled
+        in order for a text-conditioned model, or None for an unconditional one."""
+        from .denoiser import Conditioning
+        from .errors import DataError
+
+        if self.text_conditioned:
+            if not prompts:
+                raise DataError("this model is text-conditioned: give --prompts FILE (one prompt per line) to sample it")
+            return self.encode_prompts(cycled(prompts, num))
+        if self.num_classes:
+            return Conditioning(class_labels=torch.arange(num) % self.num_classes)
+        return None
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -157,7 +157,8 @@ print(type(pipe).__name__, type(pipe.scheduler).__name__)
 def test_text_conditioned_latent_student_exports_as_stable_diffusion(tmp_path):
     from conftest import captioned_folder, tiny_latent_text_pipeline
 
-    from diffdistill.export import sample_run
+    from diffdistill.samplers import generate
+    from diffdistill.trainers.saved_run import SavedRun
 
     teacher = tiny_latent_text_pipeline(tmp_path / "teacher")
     data = captioned_folder(tmp_path / "data")
@@ -175,7 +176,12 @@ def test_text_conditioned_latent_student_exports_as_stable_diffusion(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "StableDiffusionPipeline LCMScheduler" in result.stdout
     theirs = load_file(tmp_path / "plain.safetensors")
+    saved = SavedRun(run)  # the student exactly as `sample --run` and `eval --run` sample it
+    teacher, student = saved.method.teacher, saved.student()
     for n in (1, 2, 4):
-        ours = (sample_run(run, n, None, len(prompts), seed=seed, prompts=prompts) / 2 + 0.5).clamp(0, 1)
+        x = generate(student, teacher.sample_shape, len(prompts), sampler=saved.method.student_sampler,
+                     timesteps=saved.method.student_timesteps(n), cond=teacher.encode_prompts(prompts), seed=seed,
+                     batch_size=len(prompts))
+        ours = (teacher.decode(x) / 2 + 0.5).clamp(0, 1)
         assert ours.shape == theirs[str(n)].shape == (3, 3, 16, 16)
         assert (ours - theirs[str(n)]).abs().max().item() <= 1e-5, n

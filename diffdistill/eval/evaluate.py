@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..denoiser import Conditioning, Denoiser
+from ..denoiser import Denoiser
 from ..errors import DiffDistillError
 from ..grid import save_grid
-from ..pretrained import Pretrained
+from ..pretrained import Pretrained, cycled
 from ..samplers import generate, sampling_grid
 from .clip_score import ClipScorer
 from .features import FeatureExtractor
@@ -71,24 +71,6 @@ class EvalOptions:
     progress: bool = True
 
 
-def cycled_prompts(prompts: Sequence[str], num: int) -> list[str]:
-    """``num`` prompts: the list repeated in order (sample ``i`` gets ``prompts[i % len(prompts)]``)."""
-    return [prompts[i % len(prompts)] for i in range(num)]
-
-
-def conditioning_for(teacher: Pretrained, num: int, prompts: Sequence[str] | None = None) -> Conditioning | None:
-    """The same conditioning for every candidate: class labels cycling 0..C-1 (balanced classes), the
-    cycled ``prompts`` for a text-conditioned model, or None for an unconditional one."""
-    if teacher.text_conditioned:
-        if not prompts:
-            raise DiffDistillError("this model is text-conditioned: give --prompts FILE (one prompt per line) to "
-                                   "evaluate it")
-        return teacher.encode_prompts(cycled_prompts(prompts, num))
-    if teacher.num_classes:
-        return Conditioning(class_labels=torch.arange(num) % teacher.num_classes)
-    return None
-
-
 def score(features: torch.Tensor, reference: Reference, opts: EvalOptions, seed: int) -> dict[str, float]:
     """FID, KID (mean over subsets), precision and recall of generated ``features`` against ``reference``."""
     kid_mean, _ = kid(features, reference.features, subsets=opts.kid_subsets, subset_size=opts.kid_subset_size,
@@ -117,8 +99,8 @@ def evaluate(candidates: Sequence[Candidate], teacher: Pretrained, extractor: Fe
         raise DiffDistillError(f"--num {opts.num} is not above the {extractor.dim} feature dimensions of "
                                f"{extractor.name}: FID's covariance would be singular; use --num {extractor.dim + 1} "
                                "or more")
-    cond = conditioning_for(teacher, opts.num, prompts)
-    sample_prompts = cycled_prompts(prompts, opts.num) if prompts else None
+    cond = teacher.cycled_conditioning(opts.num, prompts)
+    sample_prompts = cycled(prompts, opts.num) if prompts else None
     output = Path(output) if output is not None else None
     results: dict = {}
     for cand in candidates:

@@ -42,6 +42,14 @@ def teacher_candidate(teacher: Pretrained, steps: Sequence[int], sampler: str, s
     return Candidate(label, teacher.denoiser, sampler, list(steps), spacing=spacing, info=info)
 
 
+def student_candidate(run, steps: Sequence[int], ema: bool) -> Candidate:
+    """The loaded checkpoint's student (EMA or raw weights) with its own sampler and timesteps."""
+    network, weights = run.student_network(ema)
+    return Candidate("student", run.method.student_denoiser(network), run.method.student_sampler, list(steps),
+                     timesteps=run.method.student_timesteps,
+                     info={"method": run.cfg.method, "checkpoint": run.checkpoint.name, "weights": weights})
+
+
 def evaluate_run(run_dir: str | Path, steps: Sequence[int], teacher_steps: Sequence[int], opts: EvalOptions, *,
                  teacher_sampler: str = "ddim", teacher_spacing: str | None = None, ema: bool = True,
                  checkpoint: str | None = None, features: str | None = None, feature_weights: str | None = None,
@@ -54,11 +62,7 @@ def evaluate_run(run_dir: str | Path, steps: Sequence[int], teacher_steps: Seque
     run = SavedRun(run_dir, checkpoint, device=opts.device)
     teacher = run.method.teacher
     extractor, reference = _prepare(run.cfg.data, teacher, features, feature_weights, opts, split, refresh_reference)
-    network, weights = run.student_network(ema)
-    student = Candidate("student", run.method.student_denoiser(network), run.method.student_sampler, list(steps),
-                        timesteps=run.method.student_timesteps,
-                        info={"method": run.cfg.method, "checkpoint": run.checkpoint.name, "weights": weights})
-    candidates = [student]
+    candidates = [student_candidate(run, steps, ema)]
     if teacher_steps:
         candidates.append(teacher_candidate(teacher, teacher_steps, teacher_sampler, teacher_spacing))
     extra = {"run": str(run.run_dir), "teacher_source": run.cfg.teacher or "shipped digits teacher", "train_step": run.step}
@@ -80,11 +84,9 @@ def sweep_checkpoints(run_dir: str | Path, steps: Sequence[int], teacher_steps: 
     rows = []
     for path in run.checkpoints():
         run.load(path)
-        network, weights = run.student_network(ema)
-        cand = Candidate("student", run.method.student_denoiser(network), run.method.student_sampler, list(steps),
-                         timesteps=run.method.student_timesteps)
+        cand = student_candidate(run, steps, ema)
         m = evaluate([cand], teacher, extractor, reference, quiet)["student"]
-        rows.append({"checkpoint": path.name, "train_step": run.step, "weights": weights,
+        rows.append({"checkpoint": path.name, "train_step": run.step, "weights": cand.info["weights"],
                      **{k: m[k] for k in ("fid", "fid_std", "kid", "precision", "recall")}})
         if opts.progress:
             print(f"{path.name}: FID " + ", ".join(f"{n} step(s) {v:.4f}" for n, v in m["fid"].items()), flush=True)

@@ -61,12 +61,15 @@ def _describe(data: DataConfig, split: str, extractor: FeatureExtractor, max_ima
     return description
 
 
-def reference_path(data: DataConfig, split: str, extractor: FeatureExtractor, max_images: int | None = None) -> Path:
-    """The cache file for this dataset, split, resolution and extractor."""
-    description = _describe(data, split, extractor, max_images)
+def _path_for(data: DataConfig, split: str, extractor: FeatureExtractor, description: dict) -> Path:
     digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:8]
     name = Path(data.path).name if data.dataset == "folder" and data.path else data.dataset
     return cache_dir() / f"{name}-{split}-{data.resolution}px-{extractor.name.replace(':', '_')}-{digest}.npz"
+
+
+def reference_path(data: DataConfig, split: str, extractor: FeatureExtractor, max_images: int | None = None) -> Path:
+    """The cache file for this dataset, split, resolution and extractor."""
+    return _path_for(data, split, extractor, _describe(data, split, extractor, max_images))
 
 
 def load_reference(data: DataConfig, extractor: FeatureExtractor, *, split: str = "train",
@@ -74,7 +77,8 @@ def load_reference(data: DataConfig, extractor: FeatureExtractor, *, split: str 
                    progress: bool = True) -> Reference:
     """The cached reference for ``data`` (its ``split``) under ``extractor``, computing and caching it first
     when absent. ``max_images`` caps the images used (a seeded random subset)."""
-    path = reference_path(data, split, extractor, max_images)
+    description = _describe(data, split, extractor, max_images)  # walks an image folder once
+    path = _path_for(data, split, extractor, description)
     if path.is_file() and not refresh:
         with np.load(path) as f:
             return Reference(f["features"], f["mu"], f["sigma"], json.loads(str(f["description"])), path)
@@ -92,7 +96,7 @@ def load_reference(data: DataConfig, extractor: FeatureExtractor, *, split: str 
         chunks.append(extractor(images))
     features = torch.cat(chunks).numpy().astype(np.float32)
     mu, sigma = feature_statistics(features)
-    description = _describe(data, split, extractor, max_images) | {"num_images": len(features)}
+    description = description | {"num_images": len(features)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, features=features, mu=mu, sigma=sigma, description=json.dumps(description))

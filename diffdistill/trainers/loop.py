@@ -248,10 +248,7 @@ class Trainer:
             return []
         classes = self.method.teacher.num_classes
         num = num_per_class * max(classes, 1) if classes else 16
-        cond = Conditioning(class_labels=torch.arange(num) % classes) if classes else None
-        if self.method.teacher.text_conditioned:  # the first captions, cycled
-            captions = self.dataset.captions
-            cond = self.method.teacher.encode_prompts([captions[i % len(captions)] for i in range(num)])
+        cond = self.method.teacher.cycled_conditioning(num, getattr(self.dataset, "captions", None))
         paths = []
         for n in self.cfg.sample_steps:
             images = generate(student, self.method.teacher.sample_shape, num, sampler=self.method.student_sampler,

@@ -86,12 +86,8 @@ class ScoreDistillation(Method):
         self.head: DiscriminatorHead | None = None
         if cfg.gan.enabled:
             device = next(network.parameters()).device
-            if teacher.text_conditioned:  # a probe batch for the feature shape: the empty prompt
-                cond = teacher.encode_prompts([""])
-            elif teacher.num_classes:
-                cond = Conditioning(class_labels=torch.zeros(1, dtype=torch.long, device=device))
-            else:
-                cond = Conditioning()
+            # a one-sample probe for the feature shape: class 0, or the empty prompt
+            cond = (teacher.cycled_conditioning(1, [""]) or Conditioning()).to(device)
             with torch.random.fork_rng(devices=[]):  # the head's init depends on the run's seed only
                 torch.manual_seed(cfg.train.seed)
                 self.head = DiscriminatorHead.for_source(self.gan_source(), teacher.sample_shape, cond, device)
