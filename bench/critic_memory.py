@@ -49,7 +49,7 @@ def child(kind: str, size: str, steps: int, batch: int, rank: int) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    critic = build_critic_network(teacher, CriticArgs(kind=kind, lora_rank=rank, lora_alpha=rank)).to(device)
+    critic = build_critic_network(teacher, CriticArgs(kind=kind, lora_rank=rank, lora_alpha=rank), seed=0).to(device)
     params = [p for p in critic.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     den = UNet2DDenoiser(critic, schedule, "epsilon")

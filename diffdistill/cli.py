@@ -113,7 +113,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
         per_class = max(1, args.num // len(classes))
         labels = torch.tensor(classes).repeat_interleave(per_class)
         cond, row_labels, ncols = Conditioning(class_labels=labels), [str(c) for c in classes], per_class
-    num = len(cond.class_labels) if cond is not None else args.num
+    elif teacher.text_conditioned:
+        from .eval.clip_score import read_prompts
+
+        prompts = [*(args.prompt or []), *(read_prompts(args.prompts) if args.prompts else [])]
+        if not prompts:
+            raise ConfigError("this model is text-conditioned: pass --prompt TEXT (repeatable) or --prompts FILE")
+        cond, ncols = teacher.cycled_conditioning(args.num, prompts), min(len(prompts), args.num)
+    num = len(cond.class_labels) if cond is not None and cond.class_labels is not None else args.num
     w = None if args.guidance_scale is None else standard_guidance_scale(args.guidance_scale, args.guidance_convention)
     try:
         images = generate(denoiser, shape, num, sampler=sampler, num_steps=None if timesteps else num_steps,
@@ -127,7 +134,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         from safetensors.torch import save_file
 
         tensors = {"images": images.contiguous()}
-        if cond is not None:
+        if cond is not None and cond.class_labels is not None:
             tensors["labels"] = cond.class_labels
         save_file(tensors, args.save_tensors)
     print(f"{num} samples ({sampler}, {len(timesteps) if timesteps else num_steps} steps) -> {path}")
@@ -138,9 +145,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_run
 
     info = export_run(args.run, args.output, ema=not args.no_ema, steps=args.steps, checkpoint=args.checkpoint,
-                      overwrite=args.overwrite)
-    print(f"{info['method']} student ({info['pipeline']} + {info['scheduler']}, {info['default_steps']}-step; exact at "
-          f"{', '.join(info['timesteps'])} steps) -> {args.output}")
+                      overwrite=args.overwrite, fuse=args.fuse)
+    lora = info["lora"]
+    what = ("LoRA adapter" + (" and fused pipeline" if lora["fused"] else "") if lora and lora["adapter"] else
+            "fused LoRA pipeline" if lora else "pipeline")
+    print(f"{info['method']} student ({what}: {info['pipeline']} + {info['scheduler']}, {info['default_steps']}-step; "
+          f"exact at {', '.join(info['timesteps'])} steps) -> {args.output}")
 
 
 def cmd_pairs(args: argparse.Namespace) -> None:
@@ -309,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=64,
                    help="number of samples (default: 64; with classes, rounded down to a multiple of their count)")
     p.add_argument("--classes", type=_csv_ints, help="classes to sample, one grid row each (default: all)")
+    p.add_argument("--prompt", action="append", help="text-conditioned models: a prompt (repeatable; one grid "
+                   "column each, cycled over --num)")
+    p.add_argument("--prompts", help="text-conditioned models: a file with one prompt per line")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the teacher's)")
     p.add_argument("--guidance-convention", choices=["standard", "delta"], default="standard",
@@ -329,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", dest="no_ema", action="store_false", help="export the first EMA copy (default)")
     p.add_argument("--no-ema", dest="no_ema", action="store_true", help="export the raw student weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--fuse", action="store_true", help="LoRA students: also write the full pipeline with the "
+                   "adapter merged in (pipelines that cannot load adapters always get it)")
     p.set_defaults(func=cmd_export, no_ema=False)
     return parser
 

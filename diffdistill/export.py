@@ -19,8 +19,14 @@ Pixel-space UNet2DModel students (unconditional or class-conditional) export as 
 which calls ``scheduler.scale_model_input`` (identity here), the UNet, and ``scheduler.step`` per
 timestep. Latent text-conditioned UNet2DConditionModel students export as a ``StableDiffusionPipeline``
 with the teacher's VAE, text encoder and tokenizer (call it with ``guidance_scale=1``: the student is
-unguided). LoRA students and LCM's guidance-embedding students are not exported yet; they are refused
-with one clear line.
+unguided). LCM's guidance-embedding students are not exported yet; they are refused with one clear line.
+
+LoRA students (``student.lora_rank > 0``) export their adapter as ``pytorch_lora_weights.safetensors``
+through the pipeline's own ``save_lora_weights`` (with the peft config as adapter metadata, so
+``load_lora_weights`` rebuilds rank, alpha and targets exactly), beside the student's ``scheduler/``: load
+the teacher pipeline, ``load_lora_weights(export)`` and swap in that scheduler. ``fuse=True`` (``--fuse``)
+also writes the full pipeline with the adapter merged into the weights; pipelines without
+``load_lora_weights`` (``ConsistencyModelPipeline``) always get the fused pipeline.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from .errors import ConfigError, DiffDistillError
 from .pretrained import META_FILE
 
 CARD_FILE = "README.md"
+LORA_FILE = "pytorch_lora_weights.safetensors"
 GRID_FILE = "samples.png"
 TIMESTEP_SCALING = 1.0e6  # LCMScheduler boundary condition: c_skip = 0.25 / ((t·1e6)² + 0.25) ≈ 0 for t ≥ 1
 
@@ -113,8 +120,11 @@ def build_pipeline(run, network, scheduler):
 
 
 def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, steps: int | None = None,
-               checkpoint: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Write ``run_dir``'s student as a diffusers pipeline into ``output``; returns what was exported."""
+               checkpoint: str | None = None, overwrite: bool = False, fuse: bool = False) -> dict[str, Any]:
+    """Write ``run_dir``'s student as a diffusers pipeline into ``output`` (a LoRA student: its adapter,
+    and with ``fuse`` or when the pipeline cannot load adapters, the fused pipeline); returns what was
+    exported."""
+    from .trainers.lora import fused_copy, has_lora, lora_config, lora_state_dict
     from .trainers.saved_run import SavedRun
 
     output = Path(output)
@@ -140,19 +150,30 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
                                f"diffusers scheduler setting reproduces (closest: {theirs}); diffusers schedulers "
                                "index integer timesteps")
     network, weights = run.student_network(ema)
-    pipe = build_pipeline(run, network, scheduler)
+    cls = pipeline_class(run)
+    lora = has_lora(network)
+    adapter = lora and hasattr(cls, "load_lora_weights")
+    full = not adapter or fuse
     if output.exists():
         shutil.rmtree(output)
-    pipe.save_pretrained(output, safe_serialization=True)
+    output.mkdir(parents=True)
+    if full:
+        build_pipeline(run, fused_copy(network) if lora else network, scheduler).save_pretrained(
+            output, safe_serialization=True)
+    if adapter:
+        cls.save_lora_weights(output, unet_lora_layers=lora_state_dict(network), weight_name=LORA_FILE,
+                              unet_lora_adapter_metadata=lora_config(network))
+        if not full:
+            scheduler.save_pretrained(output / "scheduler")
     info = {"run": str(run.run_dir), "method": run.cfg.method, "checkpoint": run.checkpoint.name,
             "train_step": run.step, "weights": weights, "sampler": run.method.student_sampler,
             "scheduler": type(scheduler).__name__, "default_steps": default_steps,
             "timesteps": {str(n): t for n, t in matches.items()},
             "num_classes": run.method.teacher.num_classes, "text": run.method.teacher.text_conditioned,
-            "pipeline": type(pipe).__name__, "teacher": run.cfg.teacher or "shipped digits teacher",
-            "pipeline_default_steps": inspect.signature(type(pipe).__call__).parameters["num_inference_steps"].default}
-    if not info["text"]:
-        info["grid"] = _sample_grid(run, network, default_steps, output / GRID_FILE)
+            "pipeline": cls.__name__, "teacher": run.cfg.teacher or "shipped digits teacher",
+            "pipeline_default_steps": inspect.signature(cls.__call__).parameters["num_inference_steps"].default,
+            "lora": {"adapter": LORA_FILE if adapter else None, "fused": full} if lora else None}
+    info["grid"], info["grid_prompts"] = _sample_grid(run, network, default_steps, output / GRID_FILE)
     (output / CARD_FILE).write_text(model_card(info, run.run_dir))
     # what diffusers does not record, for `diffdistill eval --model` and `distill --teacher` (ignored by diffusers)
     meta = {k: v for k, v in run.method.teacher.meta.items() if k in ("num_classes", "null_class", "sample_shape")}
@@ -162,18 +183,42 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
     return info
 
 
-def _sample_grid(run, network, num_steps: int, path: Path) -> str:
-    """A grid of the exported ``network``'s samples (4 per class, one class per column; or 16), seed 0."""
+def _sample_grid(run, network, num_steps: int, path: Path) -> tuple[str, list[str] | None]:
+    """A grid of the exported ``network``'s samples, seed 0: 4 per class (one class per column), 2 for each
+    of the first 4 distinct training captions of a text student (one per column), or 16. Returns the
+    file name and the prompts."""
+    from .data import build_dataset
     from .grid import save_grid
     from .samplers import generate
 
-    teacher, classes = run.method.teacher, run.method.teacher.num_classes
-    num = 4 * classes if classes else 16
-    cond = teacher.cycled_conditioning(num)
+    teacher, classes, prompts = run.method.teacher, run.method.teacher.num_classes, None
+    if teacher.text_conditioned:
+        prompts = list(dict.fromkeys(build_dataset(run.cfg.data).captions))[:4]
+    num = 4 * classes if classes else 2 * len(prompts) if prompts else 16
+    cond = teacher.cycled_conditioning(num, prompts)
     x = generate(run.method.student_denoiser(network), teacher.sample_shape, num, sampler=run.method.student_sampler,
                  timesteps=run.method.student_timesteps(num_steps), cond=cond, seed=0, batch_size=num)
-    save_grid(teacher.decode(x), path, ncols=classes or None)
-    return path.name
+    save_grid(teacher.decode(x), path, ncols=classes or (len(prompts) if prompts else None))
+    return path.name, prompts
+
+
+def usage(info: dict[str, Any], call_args: str) -> list[str]:
+    """The model card's code block: load the pipeline (or the teacher, the LoRA adapter and the
+    student's scheduler) and sample at the student's step count."""
+    call = (f"images = pipe({call_args}, num_inference_steps={info['default_steps']}, "
+            "generator=torch.Generator().manual_seed(0)).images")
+    lora, scheduler, teacher = info.get("lora"), info["scheduler"], info["teacher"]
+    if lora and lora["adapter"]:
+        lines = ["```python", "import torch", f"from diffusers import DiffusionPipeline, {scheduler}", "",
+                 "# the LoRA adapter on the teacher pipeline, with the student's scheduler",
+                 f'pipe = DiffusionPipeline.from_pretrained("{teacher}")', 'pipe.load_lora_weights("PATH")',
+                 f'pipe.scheduler = {scheduler}.from_pretrained("PATH", subfolder="scheduler")']
+        if lora["fused"]:
+            lines.append('# or the fused pipeline: pipe = DiffusionPipeline.from_pretrained("PATH")')
+    else:
+        lines = ["```python", "import torch", "from diffusers import DiffusionPipeline", "",
+                 'pipe = DiffusionPipeline.from_pretrained("PATH")']
+    return [*lines, call, "```", ""]
 
 
 def model_card(info: dict[str, Any], run_dir: Path) -> str:
@@ -189,11 +234,9 @@ def model_card(info: dict[str, Any], run_dir: Path) -> str:
         f"(training step {info['train_step']}).", "",
         f"Scheduler: `{info['scheduler']}`, configured so that `num_inference_steps=n` visits exactly the "
         f"student's timesteps for n = {counts}.", "",
-        "```python", "import torch", "from diffusers import DiffusionPipeline", "",
-        'pipe = DiffusionPipeline.from_pretrained("PATH")',
-        f"images = pipe({call_args}, num_inference_steps={info['default_steps']}, "
-        "generator=torch.Generator().manual_seed(0)).images", "```", "",
-        *([f"![{info['default_steps']}-step samples, seed 0]({info['grid']})", ""] if info.get("grid") else []),
+        *usage(info, call_args),
+        f"![{info['default_steps']}-step samples, seed 0]({info['grid']})", "",
+        *([f"Columns: {', '.join(repr(p) for p in info['grid_prompts'])}.", ""] if info["grid_prompts"] else []),
         (f"Pass `num_inference_steps={info['default_steps']}`: the pipeline's own default is "
          f"{info['pipeline_default_steps']}." if info["pipeline_default_steps"] != info["default_steps"] else
          f"The pipeline's own default, {info['default_steps']} step(s), is the student's.")

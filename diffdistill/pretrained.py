@@ -197,6 +197,9 @@ def load_pretrained(source: str | Path | None = None, *, device: str | torch.dev
     path = resolve_pretrained(shipped_teacher_path() if source is None else source)
     index_file = path / "model_index.json"
     if not index_file.is_file():
+        if (path / "pytorch_lora_weights.safetensors").is_file():
+            raise ModelLoadError(f"{path} is a LoRA adapter export, not a pipeline: use the run it came from, or "
+                                 "export it again with --fuse for a full pipeline")
         raise ModelLoadError(f"{path} has no model_index.json; pass a diffusers pipeline directory")
     index = json.loads(index_file.read_text())
     component = next((c for c in DENOISER_COMPONENTS if c in index), None)

@@ -51,13 +51,17 @@ def run_plain_diffusers(export: Path, out: Path, labels: list[int], seed: int) -
     return result.stdout
 
 
-@pytest.mark.parametrize("config, scheduler", [("dmd2_4step.yaml", "LCMScheduler"),
-                                               ("progressive.yaml", "DDIMScheduler")])
-def test_export_reproduces_the_student_in_plain_diffusers(tmp_path, config, scheduler):
-    overrides = ("critic.updates=1",) if config.startswith("dmd2") else ("progressive.initial_steps=4",)
+@pytest.mark.parametrize("config, overrides, scheduler", [
+    ("dmd2_4step.yaml", ["critic.updates=1"], "LCMScheduler"),
+    ("progressive.yaml", ["progressive.initial_steps=4"], "DDIMScheduler"),
+    # a LoRA student: ConsistencyModelPipeline cannot load adapters, so the export is the fused pipeline
+    ("dmd2_4step.yaml", ["critic.updates=1", "student.lora_rank=4", "student_optim.lr=0.01"], "LCMScheduler"),
+], ids=["dmd2_4step", "progressive", "dmd2_4step_lora"])
+def test_export_reproduces_the_student_in_plain_diffusers(tmp_path, config, overrides, scheduler):
     run = tiny_run(tmp_path, config, *overrides)
     export = tmp_path / "export"
     assert main(["export", "--run", str(run), "--output", str(export), "--steps", "4"]) == 0
+    assert not (export / "pytorch_lora_weights.safetensors").exists()
     card = (export / "README.md").read_text()
     assert "from_pretrained" in card and "num_inference_steps=4" in card and "](samples.png)" in card
     assert (export / "samples.png").stat().st_size > 0
@@ -166,7 +170,9 @@ def test_text_conditioned_latent_student_exports_as_stable_diffusion(tmp_path):
                    f"data.path={data}", "data.channels=3", "data.captions=true", steps=2)
     export = tmp_path / "export"
     assert main(["export", "--run", str(run), "--output", str(export)]) == 0
-    assert "guidance_scale=1.0" in (export / "README.md").read_text()
+    card = (export / "README.md").read_text()
+    assert "guidance_scale=1.0" in card and "](samples.png)" in card and "Columns: '" in card
+    assert (export / "samples.png").stat().st_size > 0
     prompts, seed = ["two cats", "a zero", "two cats"], 4
     script = tmp_path / "plain_text.py"
     script.write_text(PLAIN_DIFFUSERS_TEXT)
@@ -185,3 +191,79 @@ def test_text_conditioned_latent_student_exports_as_stable_diffusion(tmp_path):
         ours = (teacher.decode(x) / 2 + 0.5).clamp(0, 1)
         assert ours.shape == theirs[str(n)].shape == (3, 3, 16, 16)
         assert (ours - theirs[str(n)]).abs().max().item() <= 1e-5, n
+    # `diffdistill sample --run` with prompts draws the same images
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a zero\n")
+    assert main(["sample", "--run", str(run), "--prompt", "two cats", "--prompts", str(prompt_file), "--num", "3",
+                 "--steps", "2", "--seed", str(seed), "--quiet", "--output", str(tmp_path / "s.png"),
+                 "--save-tensors", str(tmp_path / "s.safetensors")]) == 0
+    sampled = (load_file(tmp_path / "s.safetensors")["images"] / 2 + 0.5).clamp(0, 1)
+    assert (sampled - theirs["2"]).abs().max().item() <= 1e-5
+
+
+PLAIN_DIFFUSERS_LORA = r'''
+import json, sys, torch
+from diffusers import DiffusionPipeline, LCMScheduler
+from safetensors.torch import save_file
+teacher, export, out, prompts, seed = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5])
+adapter = DiffusionPipeline.from_pretrained(teacher)
+adapter.load_lora_weights(export)
+adapter.scheduler = LCMScheduler.from_pretrained(export, subfolder="scheduler")
+fused = DiffusionPipeline.from_pretrained(export)
+images = {}
+for name, pipe in (("adapter", adapter), ("fused", fused)):
+    pipe.set_progress_bar_config(disable=True)
+    for n in (1, 2, 4):
+        images[f"{name}_{n}"] = pipe(prompt=prompts, num_inference_steps=n, guidance_scale=1.0, output_type="pt",
+                                     generator=torch.Generator().manual_seed(seed)).images.contiguous()
+assert "diffdistill" not in sys.modules
+save_file(images, out)
+print(type(adapter.unet.down_blocks[0].resnets[0].conv1).__module__, type(fused.unet.down_blocks[0].resnets[0].conv1).__module__)
+'''
+
+
+def test_lora_text_student_loads_through_load_lora_weights(tmp_path):
+    """A LoRA student (student.lora_rank > 0) of a Stable Diffusion-layout teacher: its adapter, loaded by
+    plain diffusers' `load_lora_weights` into the teacher pipeline with the exported scheduler, and the
+    `--fuse`d pipeline both reproduce the student's samples at 1, 2 and 4 steps."""
+    from conftest import captioned_folder, tiny_latent_text_pipeline
+
+    from diffdistill.samplers import generate
+    from diffdistill.trainers.saved_run import SavedRun
+
+    teacher = tiny_latent_text_pipeline(tmp_path / "teacher")
+    data = captioned_folder(tmp_path / "data")
+    run = tiny_run(tmp_path, "dmd2_4step.yaml", "critic.updates=1", f"teacher={teacher}", "data.dataset=folder",
+                   f"data.path={data}", "data.channels=3", "data.captions=true", "student.lora_rank=4",
+                   "student_optim.lr=0.01", steps=2)
+    saved = SavedRun(run)
+    student_state = load_file(saved.checkpoint / "student.safetensors")
+    assert student_state and all(".lora_" in k for k in student_state)  # adapters only, never the teacher
+    assert any(v.abs().max() > 0 for k, v in student_state.items() if ".lora_B." in k)  # B left zero: trained
+    export = tmp_path / "export"
+    assert main(["export", "--run", str(run), "--output", str(export), "--fuse"]) == 0
+    assert (export / "pytorch_lora_weights.safetensors").is_file() and (export / "model_index.json").is_file()
+    assert "load_lora_weights" in (export / "README.md").read_text()
+    prompts, seed = ["two cats", "a zero"], 3
+    script = tmp_path / "plain_lora.py"
+    script.write_text(PLAIN_DIFFUSERS_LORA)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(script), str(teacher), str(export), str(tmp_path / "plain.safetensors"),
+                             json.dumps(prompts), str(seed)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    adapter_module, fused_module = result.stdout.split()
+    assert adapter_module.startswith("peft.") and fused_module.startswith("torch.")
+    theirs = load_file(tmp_path / "plain.safetensors")
+    teacher_model, student = saved.method.teacher, saved.student()
+    for n in (1, 2, 4):
+        x = generate(student, teacher_model.sample_shape, len(prompts), sampler=saved.method.student_sampler,
+                     timesteps=saved.method.student_timesteps(n), cond=teacher_model.encode_prompts(prompts),
+                     seed=seed, batch_size=len(prompts))
+        ours = (teacher_model.decode(x) / 2 + 0.5).clamp(0, 1)
+        for how in ("adapter", "fused"):
+            assert (ours - theirs[f"{how}_{n}"]).abs().max().item() <= 1e-5, (how, n)
+    # the adapter matters: the teacher network under the same sampler gives other images
+    x = generate(saved.method.like_teacher(teacher_model.network), teacher_model.sample_shape, len(prompts),
+                 sampler=saved.method.student_sampler, timesteps=saved.method.student_timesteps(1),
+                 cond=teacher_model.encode_prompts(prompts), seed=seed, batch_size=len(prompts))
+    assert ((teacher_model.decode(x) / 2 + 0.5).clamp(0, 1) - theirs["adapter_1"]).abs().max().item() > 1e-3

@@ -236,3 +236,52 @@ def test_too_many_nonfinite_steps_stop_with_the_last_checkpoint_intact(tiny_teac
     with pytest.raises(DiffDistillError, match="3 training steps in a row .* step_0000006"):
         trainer.run()
     assert latest_checkpoint(tmp_path / "r").name == "step_0000006"  # written during the streak: weights of step 4
+
+
+LORA_STUDENT_CASES = {
+    "progressive": ["method=progressive", "progressive.initial_steps=8", "progressive.steps_per_round=3"],
+    "consistency": ["method=consistency", "consistency.num_scales=10"],
+    "dmd2": ["method=dmd2", "critic.updates=2", "generator.student_steps=2"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(LORA_STUDENT_CASES))
+def test_lora_student_trains_adapters_only_and_resumes_bit_identically(case, tiny_teacher_dir, tmp_path):
+    """student.lora_rank > 0: only the adapters train; the student's base weights, its EMA copies' and its
+    consistency target's / round teacher's are the frozen teacher's own tensors, never checkpointed; a
+    resumed run equals an uninterrupted one bit for bit."""
+    overrides = [*LORA_STUDENT_CASES[case], f"teacher={tiny_teacher_dir}", "data.resolution=8",
+                 "train.max_steps=6", "train.batch_size=4", "train.sample_every=0", "train.checkpoint_every=3",
+                 "train.ema_decays=0.9", "student.lora_rank=2", "student_optim.lr=0.01"]
+    cfg = load_distill_config(None, overrides)
+    straight = Trainer(cfg, tmp_path / "a", progress=False)
+    student, teacher = straight.roles["student"], straight.method.teacher.network
+    teacher_before = {n: p.clone() for n, p in teacher.named_parameters()}
+    lora_before = {n: p.clone() for n, p in student.named_parameters() if "lora_" in n}
+    assert lora_before and {n for n, p in student.named_parameters() if p.requires_grad} == set(lora_before)
+    straight.run()
+    assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
+    assert any(not torch.equal(p, lora_before[n]) for n, p in student.named_parameters() if "lora_" in n)
+    teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
+    for stem, net in straight.networks().items():
+        if stem == "student" or stem.startswith("ema") or stem in ("target", "round_teacher"):
+            base = [p for n, p in net.named_parameters() if "lora_" not in n]
+            assert base and all(p.data_ptr() in teacher_ptrs for p in base), stem
+            saved = load_file(latest_checkpoint(tmp_path / "a") / f"{stem}.safetensors")
+            assert saved and all(".lora_" in k for k in saved), stem
+    distill(cfg, tmp_path / "b", max_steps=3, progress=False)
+    resumed = Trainer(cfg, tmp_path / "b", progress=False)
+    resumed.run(resume=True)
+    assert set(straight.networks()) == set(resumed.networks())
+    for stem, net in straight.networks().items():
+        other = resumed.networks()[stem].state_dict()
+        assert all(torch.equal(v, other[k]) for k, v in net.state_dict().items()), stem
+
+
+@pytest.mark.parametrize("method", [["method=lcm"], ["method=ict", "ict.init=scratch"]])
+def test_methods_that_add_layers_refuse_lora_students(method, tiny_teacher_dir, tmp_path):
+    from diffdistill.errors import ConfigError
+
+    cfg = load_distill_config(None, [*method, f"teacher={tiny_teacher_dir}", "data.resolution=8", "student.lora_rank=2"])
+    with pytest.raises(ConfigError, match="LoRA students"):
+        Trainer(cfg, tmp_path / "run", progress=False)

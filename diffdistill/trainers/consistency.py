@@ -19,7 +19,6 @@ native timestep ``t``.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +32,7 @@ from ..samplers.ode import ode_step
 from ..schedules import NoiseSchedule, edm_preconditioning, karras_sigmas
 from .ema import ema_update
 from .method import DistillConfig, Method, register_method
+from .lora import frozen_sharing_copy
 
 
 class ConsistencyDenoiser(Denoiser):
@@ -168,8 +168,8 @@ class ConsistencyDistillation(Method):
             raise ValueError(f"consistency needs 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {sigma_max}; "
                              "set consistency.sigma_min / sigma_max")
         self.grid = consistency_grid(schedule, args.num_scales, args.discretisation, self.sigma_min, sigma_max, args.rho)
-        self.student = copy.deepcopy(teacher.network).train().requires_grad_(True)
-        self.target = copy.deepcopy(teacher.network).eval().requires_grad_(False)
+        self.student = self.new_student()
+        self.target = frozen_sharing_copy(self.student).eval().requires_grad_(False)
 
     @staticmethod
     def method_args(cfg) -> ConsistencyArgs:

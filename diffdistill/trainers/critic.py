@@ -27,12 +27,7 @@ from torch import nn
 from ..config import option
 from ..denoiser import Conditioning, Denoiser
 from ..samplers.base import per_sample
-
-#: module-name suffixes LoRA wraps by default (the attention projections, resnet convs and time
-#: projections of a diffusers UNet / DiT; DMD2's SDXL LoRA list)
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
-
+from .lora import LORA_TARGETS, add_lora
 
 @dataclass
 class CriticArgs:
@@ -43,34 +38,12 @@ class CriticArgs:
     weighting: Literal["snr", "karras", "snr_plus_one"] = "snr"
 
 
-def shared_copy(network: nn.Module) -> nn.Module:
-    """A structural copy of ``network`` whose parameters and buffers *are* ``network``'s tensors."""
-    memo = {id(t): t for t in network.parameters()}
-    memo.update({id(t): t for t in network.buffers()})
-    return copy.deepcopy(network, memo)
-
-
-def build_critic_network(teacher_network: nn.Module, args: CriticArgs) -> nn.Module:
-    """The critic's network per ``args.kind``; see the module docstring."""
+def build_critic_network(teacher_network: nn.Module, args: CriticArgs, seed: int) -> nn.Module:
+    """The critic's network per ``args.kind``; see the module docstring. ``seed`` draws a LoRA critic's
+    adapter initialisation (distinct from a LoRA student's drawn from the same run seed)."""
     if args.kind == "full":
         return copy.deepcopy(teacher_network).float().train().requires_grad_(True)
-    from peft import LoraConfig, inject_adapter_in_model
-
-    net = shared_copy(teacher_network)
-    names = [n for n, _ in net.named_modules()]
-    targets = [t for t in args.lora_targets if any(n == t or n.endswith("." + t) for n in names)]
-    if not targets:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"critic.lora_targets {args.lora_targets} match no module of "
-                          f"{type(teacher_network).__name__}; name some of its layers")
-    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=targets, lora_dropout=0.0)
-    net = inject_adapter_in_model(config, net)
-    for name, p in net.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()
-        p.requires_grad_("lora_" in name)
-    return net.train()
+    return add_lora(teacher_network, args.lora_rank, args.lora_alpha, args.lora_targets, "critic", seed + 1)
 
 
 def score_matching_weight(denoiser: Denoiser, t: torch.Tensor, weighting: str, sigma_data: float = 0.5

@@ -27,4 +27,5 @@ def ema_decay(decay: float, num_averaged: int, rampup: float) -> float:
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """``θ_ema ← decay·θ_ema + (1 − decay)·θ`` for every parameter."""
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+        if e is not p:  # a LoRA student's EMA copy shares its frozen base weights
+            e.lerp_(p.detach(), 1 - decay)

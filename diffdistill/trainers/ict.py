@@ -17,7 +17,6 @@ initialised copy; ``init: teacher`` starts from the teacher's weights (faster on
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -27,6 +26,7 @@ from torch import nn
 
 from ..config import option
 from ..denoiser import Denoiser
+from ..errors import ConfigError
 from ..schedules import karras_sigmas
 from .consistency import ConsistencyDenoiser, consistency_distillation_loss, lognormal_level_probs
 from .method import DistillConfig, Method, register_method
@@ -73,7 +73,9 @@ class ImprovedConsistencyTraining(Method):
         self.sigma_max = min(a.sigma_max, float(schedule.sigma(schedule.t_max)))
         net = teacher.network
         if a.init == "teacher":
-            self.student = copy.deepcopy(net)
+            self.student = self.new_student()
+        elif cfg.student.lora_rank:
+            raise ConfigError("ict.init=scratch trains a fresh network, so LoRA students need ict.init=teacher")
         else:
             with torch.random.fork_rng():  # a seeded fresh init that leaves the global RNG alone
                 torch.manual_seed(cfg.train.seed)

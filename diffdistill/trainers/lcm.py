@@ -78,6 +78,7 @@ class LCMConfig(DistillConfig):
 class LatentConsistencyDistillation(ConsistencyDistillation):
     name = "lcm"
     config_class = LCMConfig
+    supports_lora_student = False  # the guidance embedding is a new layer, not an adapter
 
     def __init__(self, cfg: LCMConfig, teacher):
         super().__init__(cfg, teacher)

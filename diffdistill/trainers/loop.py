@@ -10,7 +10,6 @@ newest verified checkpoint and reproduces an uninterrupted run bit for bit on th
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..samplers import generate
 from .ema import ema_decay, ema_update
 from .checkpoint import latest_checkpoint, load_checkpoint, load_network_state, save_checkpoint, shared_keys
 from .method import DistillConfig, Method, OptimConfig, get_method
+from .lora import frozen_sharing_copy
 
 CONFIG_FILE = "config.yaml"
 
@@ -81,7 +81,7 @@ class Trainer:
             opt = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
             self.optimizers[role] = opt
             self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(oc, cfg.train.max_steps))
-        self.ema = {d: copy.deepcopy(self.roles["student"]).eval().requires_grad_(False) for d in cfg.train.ema_decays}
+        self.ema = {d: frozen_sharing_copy(self.roles["student"]).eval().requires_grad_(False) for d in cfg.train.ema_decays}
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.dataset = build_dataset(cfg.data)
         if self.method.teacher.text_conditioned and not getattr(self.dataset, "captions", None):

@@ -9,6 +9,7 @@ loss terms of a phase. The loop never knows which method it runs; a new method i
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -20,6 +21,7 @@ from ..data import DataConfig
 from ..denoiser import Conditioning, Denoiser
 from ..errors import ConfigError
 from ..pretrained import Pretrained
+from .lora import LORA_TARGETS, add_lora
 
 
 @dataclass
@@ -55,6 +57,16 @@ class TrainConfig:
 
 
 @dataclass
+class StudentArgs:
+    """How the student is made from the teacher network: every weight trained (``lora_rank = 0``), or
+    LoRA adapters on the frozen teacher weights (:mod:`.lora`; LCM-LoRA / DMD2's SDXL LoRA students)."""
+
+    lora_rank: int = option(0, min=0, help="0: train every student weight; r > 0: train rank-r LoRA adapters only")
+    lora_alpha: float = option(8.0, min=0.0, help="LoRA scale numerator: the update is (alpha/rank)·BA")
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
 class DistillConfig:
     """Sections every method shares; a method's config subclasses this and adds its own section."""
 
@@ -64,6 +76,7 @@ class DistillConfig:
     guidance_convention: Literal["standard", "delta"] = "standard"
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    student: StudentArgs = field(default_factory=StudentArgs)
     student_optim: OptimConfig = field(default_factory=OptimConfig)
     sample_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
 
@@ -95,6 +108,20 @@ class Method:
         self.teacher = teacher
 
     # --- roles --------------------------------------------------------------------------------
+    #: whether ``student.lora_rank > 0`` is supported (a method that adds layers to its student says no)
+    supports_lora_student: ClassVar[bool] = True
+
+    def new_student(self, network: nn.Module | None = None) -> nn.Module:
+        """A trainable student made from ``network`` (default: the teacher's) per ``cfg.student``: a float32
+        deep copy, or LoRA adapters on ``network``'s own frozen weights."""
+        network = self.teacher.network if network is None else network
+        args = self.cfg.student
+        if not args.lora_rank:
+            return copy.deepcopy(network).float().train().requires_grad_(True)
+        if not self.supports_lora_student:
+            raise ConfigError(f"{self.name} does not support LoRA students; set student.lora_rank=0")
+        return add_lora(network, args.lora_rank, args.lora_alpha, args.lora_targets, "student", self.cfg.train.seed)
+
     def trainable_roles(self) -> dict[str, nn.Module]:
         """Roles with an optimizer, checkpointed; ``"student"`` also gets EMA copies."""
         raise NotImplementedError

@@ -17,7 +17,6 @@ with the paper's "truncated SNR" weight ``max(a_t²/s_t², 1)`` (or "SNR+1", ``(
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from ..denoiser import Denoiser
 from ..samplers.base import ddim_step
 from ..schedules import NoiseSchedule, broadcast_to
 from .method import DistillConfig, Method, register_method
+from .lora import frozen_sharing_copy
 
 
 def progressive_grid(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor:
@@ -102,7 +102,7 @@ class ProgressiveDistillation(Method):
         self.args = cfg.progressive
         self.num_rounds = int(round(math.log2(self.args.initial_steps / self.args.final_steps)))
         self.round = 0
-        self.student = copy.deepcopy(teacher.network).train().requires_grad_(True)
+        self.student = self.new_student()
         self.round_teacher: nn.Module | None = None
 
     # roles
@@ -137,7 +137,7 @@ class ProgressiveDistillation(Method):
         average over students of different step counts is no student of either)."""
         if (step + 1) % self.args.steps_per_round == 0 and self.round < self.num_rounds - 1:
             self.round += 1
-            self.round_teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
+            self.round_teacher = frozen_sharing_copy(self.student).eval().requires_grad_(False)
             return True
         return False
 
@@ -147,4 +147,4 @@ class ProgressiveDistillation(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round = int(state["round"])
         if self.round > 0 and self.round_teacher is None:
-            self.round_teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
+            self.round_teacher = frozen_sharing_copy(self.student).eval().requires_grad_(False)

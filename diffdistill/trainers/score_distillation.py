@@ -21,7 +21,6 @@ guided teacher and the critic for x0 there, and hands both to the method's pure 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -81,8 +80,8 @@ class ScoreDistillation(Method):
 
             raise ConfigError(f"{self.name} is data-free: a GAN needs real images; set gan.enabled=false")
         network = teacher.network
-        self.student = copy.deepcopy(network).float().train().requires_grad_(True)
-        self.critic = build_critic_network(network, cfg.critic)
+        self.student = self.new_student(network)
+        self.critic = build_critic_network(network, cfg.critic, cfg.train.seed)
         self.head: DiscriminatorHead | None = None
         if cfg.gan.enabled:
             device = next(network.parameters()).device
