@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -151,6 +152,22 @@ def cmd_export(args: argparse.Namespace) -> None:
             "fused LoRA pipeline" if lora else "pipeline")
     print(f"{info['method']} student ({what}: {info['pipeline']} + {info['scheduler']}, {info['default_steps']}-step; "
           f"exact at {', '.join(info['timesteps'])} steps) -> {args.output}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The main job on the shipped digits teacher: distil a 1-step and a 4-step student, evaluate them
+    beside the teacher, export the 1-step student and write report.md."""
+    from .demo import DemoOptions, run_demo
+
+    output = Path(args.output)
+    _ensure_empty_dir(output, args.overwrite)
+    opts = DemoOptions(method=args.method, max_steps=args.max_steps, num=args.num, seeds=args.seeds,
+                       teacher_steps=args.teacher_steps,
+                       overrides=args.overrides, jobs=args.jobs, device=_device(args.device), progress=not args.quiet,
+                       **({"config_dir": Path(args.config_dir)} if args.config_dir else {}))
+    start = time.perf_counter()
+    report = run_demo(output, opts)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s -> {report}")
 
 
 def cmd_pairs(args: argparse.Namespace) -> None:
@@ -333,6 +350,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
     _eval_parser(sub)
+
+    p = sub.add_parser("demo", help=cmd_demo.__doc__)
+    p.add_argument("--output", required=True, help="directory for runs/, eval/, export/ and report.md")
+    p.add_argument("--method", default="dmd2", help="the method whose configs/digits configs to run (default dmd2)")
+    p.add_argument("--max-steps", type=int, help="training steps per student (default: the demo's budget)")
+    p.add_argument("--num", type=int, default=500, help="samples per evaluated entry (default 500)")
+    p.add_argument("--seeds", type=int, default=1, help="evaluation seeds (default 1)")
+    p.add_argument("--teacher-steps", type=_step_counts, default=[1, 2, 4, 50],
+                   help="the teacher's step counts (default 1,2,4,50)")
+    p.add_argument("--jobs", type=int, default=2, help="students trained at once (default 2)")
+    p.add_argument("--config-dir", help="where <method>.yaml and <method>_4step.yaml are (default configs/digits)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="key=value for both students' configs, e.g. train.batch_size=64")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help=cmd_export.__doc__)
     p.add_argument("--run", required=True, help="the distillation run directory")
