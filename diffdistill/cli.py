@@ -7,6 +7,7 @@ line and exits with status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -38,6 +39,10 @@ def _device(name: str | None) -> str:
 def _ensure_empty_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise DiffDistillError(f"output {path} is a file; pass a directory")
+    ancestor = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        what = "is a file" if not ancestor.is_dir() else "is not writable"
+        raise DiffDistillError(f"cannot create output directory {path}: {ancestor} {what}; choose a writable location")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise DiffDistillError(f"output directory {path} is not empty; choose a new one or pass --overwrite")
 
@@ -304,7 +309,7 @@ def _training_parser(sub, func, config_help: str, output_help: str, override_exa
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffdistill", description="Distil diffusion models into few-step generators.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{teacher,distill,pairs,sample,eval,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{teacher,distill,pairs,sample,eval,export,demo}")
 
     p = _training_parser(sub, cmd_teacher, "YAML config (default: built-in digits teacher defaults)",
                          "directory for the diffusers pipeline", "train.steps=100")
@@ -382,12 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, before or after the command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         args.func(args)
-    except DiffDistillError as exc:
-        if args.debug:
+    except (DiffDistillError, OSError) as exc:  # OSError: a file or directory the system refused
+        if debug:
             traceback.print_exc()
         print(f"diffdistill {args.command}: error: {exc}", file=sys.stderr)
         return 2

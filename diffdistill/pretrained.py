@@ -76,6 +76,35 @@ class Pretrained:
         size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
         return (cfg.in_channels, *size)
 
+    @torch.no_grad()
+    def check_images_fit(self, channels: int, resolution: int, source: str = "data") -> None:
+        """Refuse, in one line, ``channels`` × ``resolution``² images the teacher cannot take: a channel
+        count its network (or VAE) does not have, or a size it cannot denoise (one probe forward of a
+        zero image through the VAE and the denoiser)."""
+        from .errors import ConfigError
+
+        if len(self.sample_shape) != 3:  # not images (analytic 2-D mixtures)
+            return
+        takes = self.vae.config.in_channels if self.vae is not None else self.sample_shape[0]
+        if channels != takes:
+            raise ConfigError(f"the {source} has {channels}-channel images but the teacher takes {takes}-channel "
+                              f"ones; set {source}.channels={takes} (or use images with {takes} channels)")
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        native = self.sample_shape[-1] * factor
+        device = next(self.network.parameters()).device
+        x = torch.zeros(1, channels, resolution, resolution, device=device)
+        t = self.denoiser.schedule.time_at_fraction(torch.tensor([0.5], dtype=torch.float64)).to(device)
+        try:
+            z = self.encode(x)
+            cond = self.cycled_conditioning(1, [""])
+            out = self.denoiser(z, t, cond.to(device) if cond is not None else None)
+            if out.shape != z.shape:
+                raise RuntimeError(f"it returned shape {tuple(out.shape)} for input {tuple(z.shape)}")
+        except RuntimeError as exc:
+            reason = (str(exc).strip().splitlines() or ["shape error"])[0][:160]
+            raise ConfigError(f"the teacher cannot take {resolution}x{resolution} images ({reason}); its own "
+                              f"resolution is {native}: set {source}.resolution={native}") from exc
+
     @property
     def text_conditioned(self) -> bool:
         """True when the denoiser cross-attends to text embeddings (it needs prompts to sample)."""
@@ -223,8 +252,16 @@ def load_pretrained(source: str | Path | None = None, *, device: str | torch.dev
                                                              torch_dtype=dtype)
         text_encoder = tokenizer = None
         if "text_encoder" in index and "tokenizer" in index:
-            text_encoder = _model_class(index, "text_encoder", "transformers").from_pretrained(
-                path, subfolder="text_encoder", use_safetensors=True, dtype=dtype)
+            from transformers.utils import logging as transformers_logging
+
+            bars = transformers_logging.is_progress_bar_enabled()
+            transformers_logging.disable_progress_bar()  # its per-tensor "Loading weights" bar, on stderr
+            try:
+                text_encoder = _model_class(index, "text_encoder", "transformers").from_pretrained(
+                    path, subfolder="text_encoder", use_safetensors=True, dtype=dtype)
+            finally:
+                if bars:
+                    transformers_logging.enable_progress_bar()
             tokenizer = _model_class(index, "tokenizer", "transformers").from_pretrained(path, subfolder="tokenizer")
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelLoadError(f"could not load the weights in {path} ({str(exc).splitlines()[0]}); "

@@ -74,7 +74,7 @@ def test_distill_cli_dry_run_errors_and_resume_checks(tiny_teacher_dir, tmp_path
     assert main([*args, "train.max_steps=2"]) == 2  # non-empty output without --resume
     assert "not empty" in capsys.readouterr().err
     assert main([*args, "train.max_steps=4", "train.batch_size=8", "--resume"]) == 2
-    assert "differs in 'train'" in capsys.readouterr().err
+    assert "train.batch_size=4, this one 8" in capsys.readouterr().err
     assert main([*args, "train.max_steps=4", "--resume"]) == 0
     assert latest_checkpoint(run).name == "step_0000004"
 

@@ -114,6 +114,13 @@ def shared_keys(module: nn.Module, frozen: nn.Module) -> set[str]:
 
 def load_network_state(module: nn.Module, state: dict[str, torch.Tensor], frozen: nn.Module, what: str) -> None:
     """Load a checkpointed ``state`` into ``module``; exactly the keys shared with ``frozen`` may be absent."""
+    own = module.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        k = wrong[0]
+        raise DiffDistillError(f"{what} does not fit this run's network: {len(wrong)} tensor(s) differ in shape, e.g. "
+                               f"{k} is {list(state[k].shape)} in the checkpoint and {list(own[k].shape)} here; was "
+                               "it made with another teacher or config?")
     missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected or set(missing) != shared_keys(module, frozen):
         raise DiffDistillError(f"{what} does not fit this run's network (missing {sorted(set(missing))[:3]}, "

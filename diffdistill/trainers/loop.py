@@ -55,10 +55,19 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
     saved = to_dict(load_config(type(cfg), run_dir / CONFIG_FILE))
     new = to_dict(cfg)
     saved["train"].pop("max_steps"), new["train"].pop("max_steps")
+    if saved["method"] != new["method"]:
+        raise DiffDistillError(f"cannot resume {run_dir}: it was made by method {saved['method']}, not {new['method']}; "
+                               "resume it with its own config.yaml, or start a new run directory")
     if saved != new:
-        diff = next(k for k in new if new[k] != saved.get(k))
-        raise DiffDistillError(f"cannot resume {run_dir}: its config differs in '{diff}' (only train.max_steps may "
-                               "change on resume); start a new run directory instead")
+        def flat(d, prefix=""):
+            return {k2: v2 for k, v in d.items() for k2, v2 in
+                    (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
+
+        old_flat, new_flat = flat(saved), flat(new)
+        key = next(k for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k))
+        raise DiffDistillError(f"cannot resume {run_dir}: its config has {key}={old_flat.get(key)!r}, this one "
+                               f"{new_flat.get(key)!r} (only train.max_steps may change on resume); start a new run "
+                               "directory instead")
 
 
 class Trainer:
@@ -83,6 +92,8 @@ class Trainer:
             self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(oc, cfg.train.max_steps))
         self.ema = {d: frozen_sharing_copy(self.roles["student"]).eval().requires_grad_(False) for d in cfg.train.ema_decays}
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        if cfg.data.dataset != "analytic":
+            self.method.teacher.check_images_fit(cfg.data.channels, cfg.data.resolution)
         self.dataset = build_dataset(cfg.data)
         if self.method.teacher.text_conditioned and not getattr(self.dataset, "captions", None):
             raise DataError("the teacher is text-conditioned: train on captioned images (data.dataset=folder, "
