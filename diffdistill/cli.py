@@ -86,7 +86,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
     if output is None:
         return
     distill(cfg, output, max_steps=args.max_steps, resume=args.resume, progress=not args.quiet)
-    print(f"run written to {output}")
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the main process speaks
+        print(f"run written to {output}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..config import save_config, to_dict
 from ..data import build_dataset, random_batch
 from ..denoiser import Conditioning, standard_guidance_scale
-from ..errors import DataError, DiffDistillError
+from ..errors import ConfigError, DataError, DiffDistillError
 from ..grid import save_grid
 from ..pretrained import load_pretrained
 from ..samplers import generate
@@ -78,7 +78,14 @@ class Trainer:
 
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.total_steps = cfg.train.max_steps if max_steps is None else min(max_steps, cfg.train.max_steps)
-        self.accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
+        # cpu=True without CUDA: accelerate forms a gloo process group on CPUs only when told so
+        self.accelerator = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available(),
+                                       mixed_precision=cfg.train.mixed_precision)
+        shards = self.accelerator.num_processes * cfg.train.grad_accum
+        if cfg.train.batch_size % shards:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split into {self.accelerator.num_processes} "
+                              f"process(es) × train.grad_accum={cfg.train.grad_accum} equal micro-batches; make it a "
+                              f"multiple of {shards}")
         self.method = build_method(cfg, self.accelerator.device)
         self.roles = self.method.trainable_roles()
         if "student" not in self.roles:
@@ -140,9 +147,13 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, Conditioning]:
-        """A random batch: images (as latents for a latent teacher) and their conditioning (class labels,
-        or the text embeddings of their captions for a text-conditioned teacher)."""
+        """This process's share of a random batch: images (as latents for a latent teacher) and their
+        conditioning (class labels, or the text embeddings of their captions for a text-conditioned
+        teacher). Every process draws the same ``train.batch_size`` indices and keeps its own slice."""
         x0, labels = random_batch(self.dataset, self.cfg.train.batch_size, self.generator)
+        share = len(x0) // self.accelerator.num_processes
+        mine = slice(self.accelerator.process_index * share, (self.accelerator.process_index + 1) * share)
+        x0, labels = x0[mine], labels[mine]
         device, teacher = self.accelerator.device, self.method.teacher
         if teacher.text_conditioned:
             cond = teacher.encode_prompts([self.dataset.captions[int(i)] for i in labels])
@@ -158,20 +169,27 @@ class Trainer:
         ``train/nonfinite_steps`` (logged once non-zero); ``train.max_nonfinite_steps`` such steps in a row stop the run."""
         x0, cond = self._batch()
         accum, logged, finite = self.cfg.train.grad_accum, {}, True
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
         for phase in self.method.phases(self.step):
             roles = (phase.role,) if isinstance(phase.role, str) else tuple(phase.role)
             self._trainable(roles)  # other roles' weights get no gradients (DMD2 freezes its critic likewise)
             for _ in range(phase.repeat):
                 update_finite = True
-                for xs, idx in zip(x0.chunk(accum), torch.arange(len(x0)).chunk(accum)):
+                # one seed per micro-batch of the whole batch (all processes): micro-batch j of process r
+                # draws its noise from seeds[r·accum + j], so N processes × B/N equal 1 × B in N micro-batches
+                seeds = torch.randint(0, 2**62, (world * accum,), generator=self.generator).tolist()
+                for j, (xs, idx) in enumerate(zip(x0.chunk(accum), torch.arange(len(x0)).chunk(accum))):
+                    generator = torch.Generator().manual_seed(seeds[rank * accum + j])
                     with self.accelerator.autocast():
-                        terms = self.method.loss(phase.name, (xs, cond[idx.to(xs.device)]), self.step, self.generator)
+                        terms = self.method.loss(phase.name, (xs, cond[idx.to(xs.device)]), self.step, generator)
                     if not torch.isfinite(terms["loss"].detach()).all():
                         update_finite = False
                         break
                     self.accelerator.backward(terms["loss"] / accum)
                     for k, v in terms.items():
                         logged[f"{phase.name}/{k}"] = logged.get(f"{phase.name}/{k}", 0.0) + v.item() / accum / phase.repeat
+                if world > 1:
+                    update_finite = self._average_gradients(roles, update_finite)
                 for role in roles:  # only these roles' weights received gradients
                     if update_finite and self.cfg.train.grad_clip > 0:
                         norm = self.accelerator.clip_grad_norm_(self._params(role), self.cfg.train.grad_clip)
@@ -184,6 +202,10 @@ class Trainer:
                     self.optimizers[role].zero_grad(set_to_none=True)
                 finite &= update_finite
         self._trainable(tuple(self.roles))
+        if world > 1 and logged:  # every process's terms, averaged: the loss curve of the whole batch
+            names = sorted(logged)
+            means = self.accelerator.reduce(torch.tensor([logged[k] for k in names], device=self.accelerator.device), "mean")
+            logged = dict(zip(names, means.tolist()))
         self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
         self.nonfinite_total += 0 if finite else 1
         if finite:
@@ -204,6 +226,23 @@ class Trainer:
             logged["train/nonfinite_steps"] = float(self.nonfinite_total)
         return logged
 
+    def _average_gradients(self, roles: tuple[str, ...], finite: bool) -> bool:
+        """Average ``roles``' gradients over the processes (one flat all-reduce per role) and whether every
+        process's update was finite. Explicit rather than DDP wrappers: a phase trains some roles while the
+        others' weights are frozen, which DDP's fixed parameter registration cannot follow."""
+        flag = self.accelerator.reduce(torch.tensor([float(finite)], device=self.accelerator.device), "sum")
+        finite = bool(flag.item() == self.accelerator.num_processes)
+        for role in roles:
+            params = self._params(role)
+            has = torch.tensor([float(p.grad is not None) for p in params], device=self.accelerator.device)
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params] + [has])
+            flat = self.accelerator.reduce(flat, "mean")
+            offset = 0
+            for p, got in zip(params, flat[-len(params):].tolist()):
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone() if got > 0 else None
+                offset += p.numel()
+        return finite
+
     def _params(self, role: str) -> list[torch.Tensor]:
         """The weights ``role``'s optimizer trains."""
         return [p for group in self.optimizers[role].param_groups for p in group["params"]]
@@ -215,15 +254,18 @@ class Trainer:
 
     # --- the run -------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> Path:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.accelerator.is_main_process
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
                 raise DiffDistillError(f"--resume: {self.run_dir} has no complete checkpoint; start without --resume")
             _check_resume_config(self.run_dir, self.cfg)
             self.load(ckpt)
-        save_config(self.cfg, self.run_dir / CONFIG_FILE)
-        main = self.accelerator.is_main_process
+        if main:
+            save_config(self.cfg, self.run_dir / CONFIG_FILE)
+        self.accelerator.wait_for_everyone()
         writer = None
         if main:
             from torch.utils.tensorboard import SummaryWriter
@@ -248,6 +290,7 @@ class Trainer:
         bar.close()
         if writer is not None:
             writer.close()
+        self.accelerator.wait_for_everyone()  # the main process's last checkpoint is written
         return self.run_dir
 
     @torch.no_grad()
