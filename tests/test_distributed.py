@@ -1,5 +1,5 @@
-"""Multi-process training on accelerate: `accelerate launch --multi_gpu --num_processes 2` on this CPU
-machine (torchrun + a gloo process group) trains the same run as one process with train.grad_accum=2 —
+"""Multi-process training on accelerate: `accelerate launch --config_file
+configs/accelerate/cpu_two_processes.yaml` on this CPU machine (torchrun + a gloo process group) trains the same run as one process with train.grad_accum=2 —
 every weight, optimizer state and logged loss equal — and only the main process writes."""
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ def test_two_processes_equal_one_process_in_two_micro_batches(method, tiny_teach
     common = ["distill", "--quiet", *CASES[method], f"teacher={tiny_teacher_dir}", "data.resolution=8",
               "train.batch_size=8", "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1",
               "train.sample_every=2"]
-    launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-              "-m", "diffdistill.cli"]
+    launch = [ACCELERATE, "launch", "--config_file", str(REPO / "configs/accelerate/cpu_two_processes.yaml"),
+              "--main_process_port", str(free_port()), "-m", "diffdistill.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([*launch, *common, "--output", str(tmp_path / "two")], capture_output=True, text=True,
                             env=env, timeout=900)

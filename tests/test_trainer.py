@@ -285,3 +285,35 @@ def test_methods_that_add_layers_refuse_lora_students(method, tiny_teacher_dir, 
     cfg = load_distill_config(None, [*method, f"teacher={tiny_teacher_dir}", "data.resolution=8", "student.lora_rank=2"])
     with pytest.raises(ConfigError, match="LoRA students"):
         Trainer(cfg, tmp_path / "run", progress=False)
+
+
+def test_gradient_checkpointing_changes_memory_not_the_result(tiny_teacher_dir, tmp_path):
+    """train.gradient_checkpointing recomputes activations in backward: the trained weights stay the same."""
+    base = ["method=dmd2", f"teacher={tiny_teacher_dir}", "data.resolution=8", "train.max_steps=2",
+            "train.batch_size=4", "train.sample_every=0", "critic.updates=1"]
+    plain = Trainer(load_distill_config(None, base), tmp_path / "a", progress=False)
+    plain.run()
+    ckpt = Trainer(load_distill_config(None, [*base, "train.gradient_checkpointing=true"]), tmp_path / "b",
+                   progress=False)
+    assert all(m.is_gradient_checkpointing for r, m in ckpt.roles.items() if r in ("student", "fake_score"))
+    ckpt.run()
+    for role in ("student", "fake_score"):
+        a, b = plain.roles[role].state_dict(), ckpt.roles[role].state_dict()
+        assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a), role
+
+
+def test_attention_switch(tmp_path):
+    from types import SimpleNamespace
+
+    from conftest import tiny_text_pipeline
+    from diffdistill.errors import ConfigError
+    from diffdistill.pretrained import load_pretrained
+    from diffdistill.trainers.loop import configure_networks
+
+    net = load_pretrained(tiny_text_pipeline(tmp_path / "t")).network
+    args = SimpleNamespace(attention="auto", gradient_checkpointing=False)
+    if not torch.cuda.is_available():
+        assert configure_networks([net], [], args) == {"attention": "sdpa"}
+        assert {type(p).__name__ for p in net.attn_processors.values()} == {"AttnProcessor2_0"}
+        with pytest.raises(ConfigError, match="xformers"):
+            configure_networks([net], [], SimpleNamespace(attention="xformers", gradient_checkpointing=False))

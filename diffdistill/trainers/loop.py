@@ -10,6 +10,7 @@ newest verified checkpoint and reproduces an uninterrupted run bit for bit on th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -41,6 +42,33 @@ def lr_factor(cfg: OptimConfig, total_steps: int):
             return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
         return warm
     return factor
+
+
+def configure_networks(all_networks: list[nn.Module], trained: list[nn.Module], train) -> dict[str, str]:
+    """Apply ``train.attention`` to every diffusers network with attention processors and
+    ``train.gradient_checkpointing`` to the trained ones; returns what was chosen."""
+    use_xformers = train.attention == "xformers" or (train.attention == "auto" and torch.cuda.is_available() and
+                                                     importlib.util.find_spec("xformers") is not None)
+    if use_xformers and not (torch.cuda.is_available() and importlib.util.find_spec("xformers") is not None):
+        raise ConfigError("train.attention=xformers needs a CUDA GPU and the xformers extra "
+                          "(pip install 'diffdistill[xformers]'); use train.attention=auto")
+    for net in all_networks:
+        if not hasattr(net, "set_attn_processor"):
+            continue  # no attention processors (e.g. UNet2DModel's attention is plain SDPA already)
+        if use_xformers:
+            net.enable_xformers_memory_efficient_attention()
+        else:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            net.set_attn_processor(AttnProcessor2_0())
+    if train.gradient_checkpointing:
+        supported = [n for n in trained if getattr(n, "_supports_gradient_checkpointing", False)]
+        if not supported:
+            raise ConfigError("train.gradient_checkpointing: none of this method's trained networks supports it; "
+                              "set it to false")
+        for net in supported:
+            net.enable_gradient_checkpointing()
+    return {"attention": "xformers" if use_xformers else "sdpa"}
 
 
 def build_method(cfg: DistillConfig, device: torch.device | str = "cpu") -> Method:
@@ -88,6 +116,7 @@ class Trainer:
                               f"multiple of {shards}")
         self.method = build_method(cfg, self.accelerator.device)
         self.roles = self.method.trainable_roles()
+        configure_networks([self.method.teacher.network, *self.roles.values()], list(self.roles.values()), cfg.train)
         if "student" not in self.roles:
             raise DiffDistillError(f"method {cfg.method} declares no 'student' role")
         self.optimizers, self.schedulers = {}, {}

@@ -44,6 +44,10 @@ class TrainConfig:
     grad_accum: int = option(1, min=1, help="micro-batches per optimizer step")
     grad_clip: float = option(1.0, min=0.0, help="max gradient norm per role; 0 = off")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = option(False, help="recompute the trained networks' activations in backward "
+                                                      "(diffusers models that support it): less memory, more time")
+    attention: Literal["auto", "sdpa", "xformers"] = option("auto", help="attention kernel of diffusers models: "
+                                                             "xformers when installed and on a GPU (auto), else torch SDPA")
     seed: int = 0
     ema_decays: list[float] = field(default_factory=lambda: [0.999])
     ema_rampup: float = option(0.05, min=0.0, help="EDM EMA ramp-up: half-life ≤ this × steps averaged; 0 = off")
