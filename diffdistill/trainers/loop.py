@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -96,6 +97,22 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
         raise DiffDistillError(f"cannot resume {run_dir}: its config has {key}={old_flat.get(key)!r}, this one "
                                f"{new_flat.get(key)!r} (only train.max_steps may change on resume); start a new run "
                                "directory instead")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of ``log.jsonl`` up to ``step`` (atomically)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:  # a line cut short by the crash
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 class Trainer:
@@ -292,6 +309,8 @@ class Trainer:
                 raise DiffDistillError(f"--resume: {self.run_dir} has no complete checkpoint; start without --resume")
             _check_resume_config(self.run_dir, self.cfg)
             self.load(ckpt)
+            if main:  # forget what was logged after the checkpoint: those steps run again
+                _truncate_log(self.run_dir / "log.jsonl", self.step)
         if main:
             save_config(self.cfg, self.run_dir / CONFIG_FILE)
         self.accelerator.wait_for_everyone()
