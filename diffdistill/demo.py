@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -80,7 +81,8 @@ def plan(output: Path, opts: DemoOptions) -> list[Student]:
 def overrides(opts: DemoOptions) -> list[str]:
     """key=value for every student: the method's demo budget, then --max-steps, then the user's own."""
     steps = [f"train.max_steps={opts.max_steps}"] if opts.max_steps else []
-    return ["train.sample_every=0", "train.log_every=5", *BUDGET.get(opts.method, []), *steps, *opts.overrides]
+    device = ["train.cpu=true"] if opts.device == "cpu" else []
+    return ["train.sample_every=0", "train.log_every=5", *device, *BUDGET.get(opts.method, []), *steps, *opts.overrides]
 
 
 def _last_step(run: Path) -> int:
@@ -108,6 +110,7 @@ def train_students(students: list[Student], opts: DemoOptions) -> dict[str, floa
             while pending and len(running) < max(1, opts.jobs):
                 s = pending.pop(0)
                 s.run.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(s.run, ignore_errors=True)  # a re-run never evaluates an older student
                 total = totals[s.label]
                 args = [sys.executable, "-m", "diffdistill.cli", "distill", "--config", str(s.config), "--output",
                         str(s.run), "--quiet", "--overwrite", *common, f"train.checkpoint_every={total}"]
@@ -131,6 +134,7 @@ def train_students(students: list[Student], opts: DemoOptions) -> dict[str, floa
     finally:
         for proc, log, _, _ in running.values():
             proc.kill()
+            proc.wait()
             log.close()
         for bar in bars.values():
             bar.close()
@@ -185,8 +189,9 @@ def write_report(output: Path, students: list[Student], metrics: dict, seconds: 
     lines += ["| " + " | ".join(f"{who}, {n} step{'s' if n != '1' else ''}" for who, n in cells) + " |",
               "|" + "---|" * len(cells),
               "| " + " | ".join(f"![{who} {n}](eval/grids/{who}_{n}step.png)" for who, n in cells) + " |", "",
-              f"The 1-step student is exported to `export/` ({export_info['pipeline']} + {export_info['scheduler']}); "
-              "load it with `DiffusionPipeline.from_pretrained(\"export\")` and call it with `num_inference_steps=1`.", ""]
+              f"The {students[0].label} student is exported to `export/` ({export_info['pipeline']} + {export_info['scheduler']}); "
+              f"load it with `DiffusionPipeline.from_pretrained(\"export\")` and call it with "
+              f"`num_inference_steps={export_info['default_steps']}`.", ""]
     path = output / REPORT_FILE
     path.write_text("\n".join(lines))
     return path

@@ -193,7 +193,10 @@ def _sample_grid(run, network, num_steps: int, path: Path) -> tuple[str, list[st
 
     teacher, classes, prompts = run.method.teacher, run.method.teacher.num_classes, None
     if teacher.text_conditioned:
-        prompts = list(dict.fromkeys(build_dataset(run.cfg.data).captions))[:4]
+        try:
+            prompts = list(dict.fromkeys(build_dataset(run.cfg.data).captions))[:4]
+        except DiffDistillError:  # the training captions moved: the grid uses generic prompts
+            prompts = ["a photo", "a painting"]
     num = 4 * classes if classes else 2 * len(prompts) if prompts else 16
     cond = teacher.cycled_conditioning(num, prompts)
     x = generate(run.method.student_denoiser(network), teacher.sample_shape, num, sampler=run.method.student_sampler,

@@ -100,6 +100,8 @@ class Pretrained:
             out = self.denoiser(z, t, cond.to(device) if cond is not None else None)
             if out.shape != z.shape:
                 raise RuntimeError(f"it returned shape {tuple(out.shape)} for input {tuple(z.shape)}")
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as exc:
             reason = (str(exc).strip().splitlines() or ["shape error"])[0][:160]
             raise ConfigError(f"the teacher cannot take {resolution}x{resolution} images ({reason}); its own "

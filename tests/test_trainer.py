@@ -317,3 +317,17 @@ def test_attention_switch(tmp_path):
         assert {type(p).__name__ for p in net.attn_processors.values()} == {"AttnProcessor2_0"}
         with pytest.raises(ConfigError, match="xformers"):
             configure_networks([net], [], SimpleNamespace(attention="xformers", gradient_checkpointing=False))
+
+
+def test_overwrite_starts_clean(tiny_teacher_dir, tmp_path):
+    """`distill --overwrite` into an old run directory keeps no stale checkpoint, log line or grid, so a
+    later eval or export can never pick the old student."""
+    run = tmp_path / "run"
+    args = ["distill", "--output", str(run), "--quiet", "method=progressive", f"teacher={tiny_teacher_dir}",
+            "data.resolution=8", "train.batch_size=4", "train.sample_every=2", "progressive.initial_steps=4",
+            "train.checkpoint_every=2"]
+    assert main([*args, "train.max_steps=4"]) == 0
+    assert main([*args, "train.max_steps=2", "--overwrite"]) == 0
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000002"]
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [2]
+    assert sorted(p.name.split("_")[1] for p in (run / "samples").iterdir()) == ["0000002"] * len(list((run / "samples").iterdir()))

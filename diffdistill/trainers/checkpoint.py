@@ -97,7 +97,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
                                "resume from an older one")
     networks = {p.stem: load_file(p) for p in sorted(path.glob("*.safetensors"))}
     try:
-        state = torch.load(path / STATE_FILE, weights_only=True)
+        state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")  # optimizers move it
     except pickle.UnpicklingError as exc:  # anything beyond tensors and plain containers
         reason = (str(exc).splitlines() or ["unpickling refused"])[0][:200]
         raise DiffDistillError(f"refusing {path / STATE_FILE}: it holds objects other than tensors and plain "

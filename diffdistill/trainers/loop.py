@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -248,7 +249,8 @@ class Trainer:
                     self.optimizers[role].zero_grad(set_to_none=True)
                 finite &= update_finite
         self._trainable(tuple(self.roles))
-        if world > 1 and logged:  # every process's terms, averaged: the loss curve of the whole batch
+        if world > 1 and logged and finite:  # every process's terms, averaged: the loss curve of the whole batch
+            # (``finite`` is agreed across processes; only finite steps are sure to have the same terms everywhere)
             names = sorted(logged)
             means = self.accelerator.reduce(torch.tensor([logged[k] for k in names], device=self.accelerator.device), "mean")
             logged = dict(zip(names, means.tolist()))
@@ -276,18 +278,26 @@ class Trainer:
         """Average ``roles``' gradients over the processes (one flat all-reduce per role) and whether every
         process's update was finite. Explicit rather than DDP wrappers: a phase trains some roles while the
         others' weights are frozen, which DDP's fixed parameter registration cannot follow."""
-        flag = self.accelerator.reduce(torch.tensor([float(finite)], device=self.accelerator.device), "sum")
-        finite = bool(flag.item() == self.accelerator.num_processes)
+        import torch.distributed as dist
+
+        world = self.accelerator.num_processes
+        flag = torch.tensor([float(finite)], device=self.accelerator.device)
+        dist.all_reduce(flag)
         for role in roles:
             params = self._params(role)
             has = torch.tensor([float(p.grad is not None) for p in params], device=self.accelerator.device)
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params] + [has])
-            flat = self.accelerator.reduce(flat, "mean")
+            dist.all_reduce(flat)  # in place: one flat buffer per role
+            flat /= world
             offset = 0
             for p, got in zip(params, flat[-len(params):].tolist()):
-                p.grad = flat[offset:offset + p.numel()].view_as(p).clone() if got > 0 else None
+                if got > 0:
+                    grad = flat[offset:offset + p.numel()].view_as(p)
+                    p.grad = grad.clone() if p.grad is None else p.grad.copy_(grad)
+                else:
+                    p.grad = None
                 offset += p.numel()
-        return finite
+        return bool(flag.item() == world)
 
     def _params(self, role: str) -> list[torch.Tensor]:
         """The weights ``role``'s optimizer trains."""
@@ -311,6 +321,11 @@ class Trainer:
             self.load(ckpt)
             if main:  # forget what was logged after the checkpoint: those steps run again
                 _truncate_log(self.run_dir / "log.jsonl", self.step)
+        elif main:  # a fresh run in a directory allowed to be non-empty: no stale checkpoint, log or grid survives
+            for stale in ("checkpoints", "tb", "samples"):
+                shutil.rmtree(self.run_dir / stale, ignore_errors=True)
+            (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()  # every process has read config.yaml and the checkpoint
         if main:
             save_config(self.cfg, self.run_dir / CONFIG_FILE)
         self.accelerator.wait_for_everyone()

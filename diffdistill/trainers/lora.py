@@ -37,10 +37,12 @@ def shared_copy(network: nn.Module) -> nn.Module:
 
 
 def frozen_sharing_copy(network: nn.Module) -> nn.Module:
-    """A deep copy of ``network`` except for its frozen parameters (``requires_grad=False``), which the
-    copy shares: an EMA copy or target of a LoRA student costs its adapters only. For a fully trainable
-    network this is a plain deep copy."""
+    """A deep copy of ``network`` except for its frozen parameters (``requires_grad=False``) and, for a LoRA
+    network, its buffers (the teacher's, see :func:`add_lora`), which the copy shares: an EMA copy or target
+    of a LoRA student costs its adapters only. For a fully trainable network this is a plain deep copy."""
     memo = {id(p): p for p in network.parameters() if not p.requires_grad}
+    if has_lora(network):
+        memo.update({id(b): b for b in network.buffers()})
     return copy.deepcopy(network, memo)
 
 
