@@ -43,7 +43,8 @@ class TrainConfig:
     batch_size: int = option(64, min=1)
     grad_accum: int = option(1, min=1, help="micro-batches per optimizer step")
     grad_clip: float = option(1.0, min=0.0, help="max gradient norm per role; 0 = off")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16"] = option("no", help="bf16 autocast; fp16 is not offered: it needs loss "
+                                                         "scaling, which the loop does not do")
     gradient_checkpointing: bool = option(False, help="recompute the trained networks' activations in backward "
                                                       "(diffusers models that support it): less memory, more time")
     attention: Literal["auto", "sdpa", "xformers"] = option("auto", help="attention kernel of diffusers models: "
