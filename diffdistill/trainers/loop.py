@@ -124,9 +124,10 @@ class Trainer:
 
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.total_steps = cfg.train.max_steps if max_steps is None else min(max_steps, cfg.train.max_steps)
-        # cpu=True without CUDA: accelerate forms a gloo process group on CPUs only when told so
-        self.accelerator = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available(),
-                                       mixed_precision=cfg.train.mixed_precision)
+        # several processes without CUDA: accelerate forms a gloo process group on CPUs only when told cpu=True
+        # (a single process keeps accelerate's own device choice, e.g. Apple's MPS)
+        cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=cfg.train.cpu or cpu_group, mixed_precision=cfg.train.mixed_precision)
         shards = self.accelerator.num_processes * cfg.train.grad_accum
         if cfg.train.batch_size % shards:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split into {self.accelerator.num_processes} "
