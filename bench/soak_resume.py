@@ -16,7 +16,6 @@ the tensors compared and the mismatches (goal: 0).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -32,20 +31,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from diffdistill.trainers.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint  # noqa: E402
+from diffdistill.trainers.loop import last_logged_step  # noqa: E402
 
 
 def command(config: str, run: Path, max_steps: int, resume: bool, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "diffdistill.cli", "distill", "--config", config, "--output", str(run), "--quiet",
             *(["--resume"] if resume else ["--overwrite"]), f"train.max_steps={max_steps}", "train.log_every=1",
             "train.checkpoint_every=3", "train.keep_checkpoints=2", "train.sample_every=0", *overrides]
-
-
-def logged_step(run: Path) -> int:
-    try:
-        lines = (run / "log.jsonl").read_text().strip().splitlines()
-        return int(json.loads(lines[-1])["step"]) if lines else 0
-    except (OSError, ValueError, KeyError, IndexError):
-        return 0
 
 
 def tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -85,7 +77,7 @@ def main() -> None:
         by_time = rng.random() < 0.5
         deadline = time.perf_counter() + rng.uniform(2.0, 12.0)
         while proc.poll() is None:
-            if (time.perf_counter() >= deadline) if by_time else (logged_step(soaked) >= target):
+            if (time.perf_counter() >= deadline) if by_time else (last_logged_step(soaked) >= target):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += 1

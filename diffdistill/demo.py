@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -88,18 +87,10 @@ def overrides(opts: DemoOptions) -> list[str]:
     return ["train.sample_every=0", "train.log_every=5", *device, *BUDGET.get(opts.method, []), *steps, *opts.overrides]
 
 
-def _last_step(run: Path) -> int:
-    log = run / "log.jsonl"
-    try:
-        lines = log.read_text().strip().splitlines()
-        return int(json.loads(lines[-1])["step"]) if lines else 0
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def train_students(students: list[Student], opts: DemoOptions) -> dict[str, float]:
     """Train every student with ``diffdistill distill`` in its own process, ``opts.jobs`` at a time; one
     progress bar per student (from its log). Returns the wall seconds of each."""
+    from .trainers.loop import last_logged_step
     from .trainers.method import load_distill_config
 
     common = overrides(opts)
@@ -123,7 +114,7 @@ def train_students(students: list[Student], opts: DemoOptions) -> dict[str, floa
                 bars[s.label] = tqdm(total=total, desc=f"  train {s.label}", leave=True, disable=not opts.progress)
             time.sleep(1.0)
             for label, (proc, log, s, start) in list(running.items()):
-                bars[label].update(_last_step(s.run) - bars[label].n)
+                bars[label].update(last_logged_step(s.run) - bars[label].n)
                 if proc.poll() is None:
                     continue
                 log.close()

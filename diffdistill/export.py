@@ -109,10 +109,10 @@ def pipeline_class(run):
                            "UNet2DModel students and latent text-conditioned UNet2DConditionModel students export")
 
 
-def build_pipeline(run, network, scheduler):
-    """An instance of :func:`pipeline_class` holding ``network`` and ``scheduler`` (and, for Stable
-    Diffusion, the teacher's VAE, text encoder and tokenizer; no safety checker)."""
-    cls, teacher = pipeline_class(run), run.method.teacher
+def build_pipeline(run, cls, network, scheduler):
+    """An instance of ``cls`` (:func:`pipeline_class`) holding ``network`` and ``scheduler`` (and, for
+    Stable Diffusion, the teacher's VAE, text encoder and tokenizer; no safety checker)."""
+    teacher = run.method.teacher
     if cls.__name__ == "ConsistencyModelPipeline":
         return cls(unet=network, scheduler=scheduler)
     return cls(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=network,
@@ -131,7 +131,7 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise DiffDistillError(f"export directory {output} is not empty; pass --overwrite or choose another")
     run = SavedRun(run_dir, checkpoint)
-    pipeline_class(run)  # refuse what cannot be exported before any work
+    cls = pipeline_class(run)  # refuse what cannot be exported before any work
     default_steps = steps or run.default_steps
     max_steps = max(4, default_steps)
     teacher_config = _teacher_scheduler_config(run)
@@ -150,7 +150,6 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
                                f"diffusers scheduler setting reproduces (closest: {theirs}); diffusers schedulers "
                                "index integer timesteps")
     network, weights = run.student_network(ema)
-    cls = pipeline_class(run)
     lora = has_lora(network)
     adapter = lora and hasattr(cls, "load_lora_weights")
     full = not adapter or fuse
@@ -158,7 +157,7 @@ def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, ste
         shutil.rmtree(output)
     output.mkdir(parents=True)
     if full:
-        build_pipeline(run, fused_copy(network) if lora else network, scheduler).save_pretrained(
+        build_pipeline(run, cls, fused_copy(network) if lora else network, scheduler).save_pretrained(
             output, safe_serialization=True)
     if adapter:
         cls.save_lora_weights(output, unet_lora_layers=lora_state_dict(network), weight_name=LORA_FILE,

@@ -17,7 +17,6 @@ Training times are uniform over the whole schedule (both DMD2 codes).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,7 +26,7 @@ from torch import nn
 from ..config import option
 from ..denoiser import Conditioning, Denoiser
 from ..samplers.base import per_sample
-from .lora import LORA_TARGETS, add_lora
+from .lora import LORA_TARGETS, add_lora, trainable_copy
 
 @dataclass
 class CriticArgs:
@@ -42,7 +41,7 @@ def build_critic_network(teacher_network: nn.Module, args: CriticArgs, seed: int
     """The critic's network per ``args.kind``; see the module docstring. ``seed`` draws a LoRA critic's
     adapter initialisation (distinct from a LoRA student's drawn from the same run seed)."""
     if args.kind == "full":
-        return copy.deepcopy(teacher_network).float().train().requires_grad_(True)
+        return trainable_copy(teacher_network)
     return add_lora(teacher_network, args.lora_rank, args.lora_alpha, args.lora_targets, "critic", seed + 1)
 
 

@@ -49,9 +49,9 @@ def lr_factor(cfg: OptimConfig, total_steps: int):
 def configure_networks(all_networks: list[nn.Module], trained: list[nn.Module], train) -> dict[str, str]:
     """Apply ``train.attention`` to every diffusers network with attention processors and
     ``train.gradient_checkpointing`` to the trained ones; returns what was chosen."""
-    use_xformers = train.attention == "xformers" or (train.attention == "auto" and torch.cuda.is_available() and
-                                                     importlib.util.find_spec("xformers") is not None)
-    if use_xformers and not (torch.cuda.is_available() and importlib.util.find_spec("xformers") is not None):
+    available = torch.cuda.is_available() and importlib.util.find_spec("xformers") is not None
+    use_xformers = train.attention == "xformers" or (train.attention == "auto" and available)
+    if use_xformers and not available:
         raise ConfigError("train.attention=xformers needs a CUDA GPU and the xformers extra "
                           "(pip install 'diffdistill[xformers]'); use train.attention=auto")
     for net in all_networks:
@@ -98,6 +98,15 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
         raise DiffDistillError(f"cannot resume {run_dir}: its config has {key}={old_flat.get(key)!r}, this one "
                                f"{new_flat.get(key)!r} (only train.max_steps may change on resume); start a new run "
                                "directory instead")
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The step of the last complete line of ``run_dir/log.jsonl`` (0 when there is none yet)."""
+    try:
+        lines = (Path(run_dir) / "log.jsonl").read_text().strip().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def _truncate_log(path: Path, step: int) -> None:

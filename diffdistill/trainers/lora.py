@@ -36,6 +36,11 @@ def shared_copy(network: nn.Module) -> nn.Module:
     return copy.deepcopy(network, memo)
 
 
+def trainable_copy(network: nn.Module) -> nn.Module:
+    """A float32 deep copy of ``network`` with every weight trainable (a full student or critic)."""
+    return copy.deepcopy(network).float().train().requires_grad_(True)
+
+
 def frozen_sharing_copy(network: nn.Module) -> nn.Module:
     """A deep copy of ``network`` except for its frozen parameters (``requires_grad=False``) and, for a LoRA
     network, its buffers (the teacher's, see :func:`add_lora`), which the copy shares: an EMA copy or target

@@ -9,7 +9,6 @@ loss terms of a phase. The loop never knows which method it runs; a new method i
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -21,7 +20,7 @@ from ..data import DataConfig
 from ..denoiser import Conditioning, Denoiser
 from ..errors import ConfigError
 from ..pretrained import Pretrained
-from .lora import LORA_TARGETS, add_lora
+from .lora import LORA_TARGETS, add_lora, trainable_copy
 
 
 @dataclass
@@ -122,7 +121,7 @@ class Method:
         network = self.teacher.network if network is None else network
         args = self.cfg.student
         if not args.lora_rank:
-            return copy.deepcopy(network).float().train().requires_grad_(True)
+            return trainable_copy(network)
         if not self.supports_lora_student:
             raise ConfigError(f"{self.name} does not support LoRA students; set student.lora_rank=0")
         return add_lora(network, args.lora_rank, args.lora_alpha, args.lora_targets, "student", self.cfg.train.seed)
