@@ -217,9 +217,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .data import DataConfig
     from .eval.evaluate import METRICS_FILE, EvalOptions
     from .eval.jobs import SWEEP_FILE, evaluate_model, evaluate_run, sweep_checkpoints
+    from .processes import current_processes
 
-    opts = EvalOptions(num=args.num, seeds=args.seeds, batch_size=args.batch_size, device=_device(args.device),
-                       torchmetrics_check=args.torchmetrics_check, progress=not args.quiet)
+    procs = current_processes()  # under `accelerate launch`: each process samples its share of every batch list
+    device = _device(args.device)
+    if procs.world > 1 and device == "cuda":
+        device = procs.device  # this process's own GPU
+    opts = EvalOptions(num=args.num, seeds=args.seeds, batch_size=args.batch_size, device=device,
+                       torchmetrics_check=args.torchmetrics_check, progress=not args.quiet, processes=procs)
+    say = print if procs.is_main else (lambda *a, **k: None)
     common = dict(features=args.features, feature_weights=args.feature_weights, split=args.split,
                   refresh_reference=args.refresh_reference)
     if args.prompts:
@@ -234,7 +240,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                           channels=args.channels) if args.data_path else None
         metrics = evaluate_model(args.model, args.steps, opts, args.output, sampler=args.sampler,
                                  spacing=args.spacing, data=data, **common)
-        print(f"FID {metrics['model']['fid']} -> {Path(args.output) / METRICS_FILE}")
+        say(f"FID {metrics['model']['fid']} -> {Path(args.output) / METRICS_FILE}")
         return
     if args.steps == [0]:
         raise ConfigError("--steps must list step counts ≥ 1")
@@ -245,12 +251,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.prompts:
             raise ConfigError("--all-checkpoints does not take --prompts yet; evaluate checkpoints one by one")
         table = sweep_checkpoints(args.run, args.steps, teacher_steps, opts, **kwargs)
-        print(f"best checkpoint per step count: {table['best']} -> {Path(args.output or args.run) / SWEEP_FILE}")
+        say(f"best checkpoint per step count: {table['best']} -> {Path(args.output or args.run) / SWEEP_FILE}")
         return
     metrics = evaluate_run(args.run, args.steps, teacher_steps, opts, checkpoint=args.checkpoint, **kwargs)
     lines = [f"{who} FID: " + ", ".join(f"{n} step(s) {v:.4f}" for n, v in metrics[who]["fid"].items())
              for who in ("student", "teacher") if who in metrics]
-    print("\n".join(lines) + f"\n-> {Path(args.output or args.run) / METRICS_FILE}")
+    say("\n".join(lines) + f"\n-> {Path(args.output or args.run) / METRICS_FILE}")
 
 
 def _eval_parser(sub) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,7 +25,10 @@ CASES = {
     "dmd2": ["--config", str(REPO / "configs/digits/dmd2_4step.yaml"), "critic.updates=2"],
     "progressive": ["--config", str(REPO / "configs/digits/progressive.yaml"), "progressive.initial_steps=4",
                     "progressive.steps_per_round=2"],
+    # the same DMD2 run launched with configs/accelerate/fsdp.yaml: the frozen teacher sharded over the processes
+    "dmd2_sharded_teacher": ["--config", str(REPO / "configs/digits/dmd2_4step.yaml"), "critic.updates=2"],
 }
+LAUNCH_CONFIG = {"dmd2_sharded_teacher": ["fsdp.yaml", "--num_processes", "2"]}
 
 
 def free_port() -> int:
@@ -39,13 +43,19 @@ def test_two_processes_equal_one_process_in_two_micro_batches(method, tiny_teach
     common = ["distill", "--quiet", *CASES[method], f"teacher={tiny_teacher_dir}", "data.resolution=8",
               "train.batch_size=8", "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1",
               "train.sample_every=2"]
-    launch = [ACCELERATE, "launch", "--config_file", str(REPO / "configs/accelerate/cpu_two_processes.yaml"),
+    config, *launch_options = LAUNCH_CONFIG.get(method, ["cpu_two_processes.yaml"])
+    launch = [ACCELERATE, "launch", "--config_file", str(REPO / "configs/accelerate" / config), *launch_options,
               "--main_process_port", str(free_port()), "-m", "diffdistill.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([*launch, *common, "--output", str(tmp_path / "two")], capture_output=True, text=True,
                             env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run written to") == 1  # the main process speaks, once
+    sharded = re.search(r"teacher sharded over 2 processes: ([\d,]+) of its ([\d,]+) weights", result.stdout)
+    assert (sharded is not None) == (method in LAUNCH_CONFIG)
+    if sharded:  # about half the teacher's weights on each process
+        here, whole = (int(g.replace(",", "")) for g in sharded.groups())
+        assert 0.45 < here / whole < 0.55
     assert main([*common, "train.grad_accum=2", "--output", str(tmp_path / "one")]) == 0, "one process"
     one, two = tmp_path / "one", tmp_path / "two"
     # the same files, written once: checkpoints, one log line per step, grids, one tensorboard file
@@ -74,3 +84,49 @@ def test_batch_that_does_not_split_is_refused(tiny_teacher_dir, tmp_path, capsys
     assert main(["distill", "--quiet", "--output", str(tmp_path / "r"), *CASES["dmd2"], f"teacher={tiny_teacher_dir}",
                  "data.resolution=8", "train.batch_size=6", "train.grad_accum=4"]) == 2
     assert "multiple of 4" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
+def test_eval_across_two_processes_equals_one_process(tmp_path):
+    """`accelerate launch … diffdistill eval`: each process samples its share of the batches (a multi-step
+    "sde" student draws fresh noise per batch), the main process gathers the features and writes — the
+    same metrics, per seed, and the same grids as one process."""
+    run = tmp_path / "run"
+    assert main(["distill", "--config", str(REPO / "configs/digits/dmd2_4step.yaml"), "--output", str(run), "--quiet",
+                 "train.max_steps=2", "train.batch_size=4", "critic.updates=1", "train.sample_every=0"]) == 0
+    common = ["eval", "--run", str(run), "--steps", "1,4", "--teacher-steps", "2", "--num", "150", "--seeds", "2",
+              "--batch-size", "40", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DIFFDISTILL_CACHE": str(tmp_path / "cache")}
+    launch = [ACCELERATE, "launch", "--config_file", str(REPO / "configs/accelerate/cpu_two_processes.yaml"),
+              "--main_process_port", str(free_port()), "-m", "diffdistill.cli"]
+    result = subprocess.run([*launch, *common, "--output", str(tmp_path / "two")], capture_output=True, text=True,
+                            env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("student FID") == 1  # the main process speaks, once
+    one = subprocess.run([sys.executable, "-m", "diffdistill.cli", *common, "--output", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
+    for who in ("student", "teacher"):
+        assert a[who]["per_seed"] == b[who]["per_seed"] and a[who]["timesteps"] == b[who]["timesteps"]
+    assert sorted(p.name for p in (tmp_path / "two" / "grids").iterdir()) == [
+        "student_1step.png", "student_4step.png", "teacher_2step.png"]
+    for grid in (tmp_path / "one" / "grids").iterdir():
+        assert grid.read_bytes() == (tmp_path / "two" / "grids" / grid.name).read_bytes(), grid.name
+
+
+def test_teacher_sharding_units_and_refusal_of_weight_sharing_roles():
+    """The sharded units are the outermost ModuleLists' items; a LoRA student (adapters on the teacher's
+    own tensors) is refused before any process group is touched."""
+    from conftest import tiny_unet
+    from diffdistill.errors import ConfigError
+    from diffdistill.trainers.lora import add_lora
+    from diffdistill.trainers.sharding import shard_blocks, shard_frozen_teacher
+
+    teacher = tiny_unet()
+    blocks = shard_blocks(teacher)
+    expected = [*teacher.down_blocks, *teacher.up_blocks, *teacher.mid_block.attentions, *teacher.mid_block.resnets]
+    assert sorted(map(id, blocks)) == sorted(map(id, expected))  # not the lists nested inside a down block
+    student = add_lora(teacher, 2, 2.0, ["to_q", "to_k", "to_v", "conv1", "conv2"], "student", 0)
+    with pytest.raises(ConfigError, match="student shares the teacher's weights"):
+        shard_frozen_teacher(teacher, {"student": student}, 2, torch.device("cpu"))

@@ -14,7 +14,7 @@ from diffdistill.adapters import UNet2DDenoiser
 from diffdistill.analytic import GaussianMixture, GaussianMixtureDenoiser
 from diffdistill.denoiser import Conditioning
 from diffdistill.eval.sliced_wasserstein import sliced_wasserstein2
-from diffdistill.samplers import SAMPLERS, generate, get_sampler, sampling_grid
+from diffdistill.samplers import SAMPLERS, batch_generator, batch_share, generate, get_sampler, sampling_grid
 from diffdistill.schedules import EDMSchedule, FlowSchedule, VPSchedule
 
 
@@ -196,3 +196,26 @@ def test_generate_is_independent_of_batch_size_for_deterministic_samplers():
     a = generate(den, (2,), 50, sampler="dpmpp_2m", num_steps=10, seed=3, batch_size=50)
     b = generate(den, (2,), 50, sampler="dpmpp_2m", num_steps=10, seed=3, batch_size=7)
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_sharded_generate_concatenates_to_the_single_process_draw(world):
+    """Each process's share of the batches, in rank order, is the one-process result — also for the "sde"
+    sampler, whose fresh noise per batch comes from a generator of (seed, batch) — and batch 0 alone (a
+    single-batch call) still draws its fresh noise from the seed's own generator after the initial noise."""
+    den = GaussianMixtureDenoiser(GaussianMixture.ring(4), VPSchedule.from_scheduler_config(SCHEDULER_CONFIGS["linear"]))
+    ts = [999, 749, 499, 249]
+    whole = generate(den, (2,), 53, sampler="sde", timesteps=ts, seed=4, batch_size=10)
+    shares = [batch_share(53, 10, r, world) for r in range(world)]
+    assert [i for share in shares for i in share] == list(range(53))
+    assert all(len(share) % 10 == 0 for share in shares[:-1])  # whole batches
+    parts = [generate(den, (2,), 53, sampler="sde", timesteps=ts, seed=4, batch_size=10, shard=(r, world))
+             for r in range(world)]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(4)
+    noise = den.schedule.prior_sample((53, 2), generator=gen)
+    first = get_sampler("sde")(den, noise[:10], sampling_grid(den, sampler="sde", timesteps=ts), generator=gen)
+    torch.testing.assert_close(whole[:10], first.float(), rtol=0, atol=0)
+    second = get_sampler("sde")(den, noise[10:20], sampling_grid(den, sampler="sde", timesteps=ts),
+                                generator=batch_generator(4, 1))
+    torch.testing.assert_close(whole[10:20], second.float(), rtol=0, atol=0)

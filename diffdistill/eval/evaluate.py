@@ -6,7 +6,9 @@ in one process against one cached reference (:mod:`.reference`) with the same se
 labels, so a teacher-vs-student comparison never mixes statistics, preprocessing or noise. For every
 candidate, step count and seed it computes FID, KID and precision/recall (:mod:`.metrics`), reports the
 mean and standard deviation over seeds, saves a sample grid per step count, and draws the
-quality-vs-steps plot.
+quality-vs-steps plot. Under ``accelerate launch`` (``EvalOptions.processes``) every process draws its
+share of the batches (:func:`~diffdistill.samplers.batch_share`) and the main process gathers the
+features, scores and writes: the same numbers as one process.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from ..denoiser import Denoiser
 from ..errors import DiffDistillError
 from ..grid import save_grid
 from ..pretrained import Pretrained, cycled
-from ..samplers import generate, sampling_grid
+from ..processes import Processes
+from ..samplers import batch_share, generate, sampling_grid
 from .clip_score import ClipScorer
 from .features import FeatureExtractor
 from .metrics import fid_from_features, kid, precision_recall, torchmetrics_fid
@@ -69,6 +72,8 @@ class EvalOptions:
     torchmetrics_check: bool = False
     grid_rows: int = 4
     progress: bool = True
+    #: under ``accelerate launch``: every process samples its share, the main one scores and writes
+    processes: Processes = field(default_factory=Processes)
 
 
 def score(features: torch.Tensor, reference: Reference, opts: EvalOptions, seed: int) -> dict[str, float]:
@@ -99,9 +104,16 @@ def evaluate(candidates: Sequence[Candidate], teacher: Pretrained, extractor: Fe
         raise DiffDistillError(f"--num {opts.num} is not above the {extractor.dim} feature dimensions of "
                                f"{extractor.name}: FID's covariance would be singular; use --num {extractor.dim + 1} "
                                "or more")
+    procs = opts.processes
+    batches = -(-opts.num // opts.batch_size)
+    if batches < procs.world:
+        raise DiffDistillError(f"--num {opts.num} in batches of {opts.batch_size} makes {batches} batch(es) for "
+                               f"{procs.world} processes; use --batch-size {-(-opts.num // procs.world)} or less")
     cond = teacher.cycled_conditioning(opts.num, prompts)
     sample_prompts = cycled(prompts, opts.num) if prompts else None
     output = Path(output) if output is not None else None
+    shares = [batch_share(opts.num, opts.batch_size, r, procs.world) for r in range(procs.world)]
+    mine, progress = shares[procs.rank], opts.progress and procs.is_main
     results: dict = {}
     for cand in candidates:
         per_seed: dict[str, dict[str, list[float]]] = {}
@@ -112,25 +124,36 @@ def evaluate(candidates: Sequence[Candidate], teacher: Pretrained, extractor: Fe
                 latents = generate(cand.denoiser, teacher.sample_shape, opts.num, sampler=cand.sampler,
                                    num_steps=n, timesteps=cand.timesteps(n), spacing=cand.spacing, cond=cond,
                                    seed=seed, batch_size=opts.batch_size, device=opts.device,
-                                   progress=opts.progress and n > 4)
+                                   progress=progress and n > 4, shard=procs.shard)
                 images = torch.cat([teacher.decode(b.to(opts.device)).cpu() for b in latents.split(opts.batch_size)])
-                for name, value in score(extract(extractor, images, opts.batch_size, opts.progress), reference,
-                                         opts, seed).items():
-                    per_seed.setdefault(name, {}).setdefault(str(n), []).append(value)
+                counts = [len(share) for share in shares]
+                features = procs.gather(extract(extractor, images, opts.batch_size, progress), counts)
+                clip_scores = None
                 if clip is not None and sample_prompts is not None:
-                    per_seed.setdefault("clip_score", {}).setdefault(str(n), []).append(
-                        clip(images, sample_prompts, opts.batch_size))
+                    clip_scores = procs.gather(clip.scores(images, sample_prompts[mine.start:mine.stop],
+                                                           opts.batch_size).double(), counts)
+                grid_images = _first_images(images, shares, procs, opts.grid_rows * (teacher.num_classes or 8))
+                if not procs.is_main:
+                    continue
+                for name, value in score(features, reference, opts, seed).items():
+                    per_seed.setdefault(name, {}).setdefault(str(n), []).append(value)
+                if clip_scores is not None:
+                    per_seed.setdefault("clip_score", {}).setdefault(str(n), []).append(float(clip_scores.mean()))
                 if output is not None and seed == opts.seeds[0]:
-                    _save_grid(images, teacher, output / "grids" / f"{cand.label}_{n}step.png", opts.grid_rows)
+                    _save_grid(grid_images, teacher, output / "grids" / f"{cand.label}_{n}step.png", opts.grid_rows)
             seconds[str(n)] = round(time.perf_counter() - start, 2)
-            if opts.progress:
+            if progress:
                 print(f"{cand.label} {n} step(s): FID {np.mean(per_seed['fid'][str(n)]):.4f}", flush=True)
+        if not procs.is_main:
+            continue
         entry = {name: {n: float(np.mean(v)) for n, v in by_n.items()} for name, by_n in per_seed.items()}
         # sample standard deviation over seeds (0 for a single seed)
         entry["fid_std"] = {n: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for n, v in per_seed["fid"].items()}
         entry["per_seed"] = per_seed
         entry["seconds"] = seconds
         results[cand.label] = entry | cand.describe()
+    if not procs.is_main:
+        return procs.broadcast(None)
     metrics = {**results, "feature_extractor": extractor.name, "num_samples": opts.num, "seeds": list(opts.seeds),
                "reference": {k: v for k, v in reference.description.items() if k != "extractor"}
                | {"path": str(reference.path) if reference.path else None},
@@ -143,7 +166,13 @@ def evaluate(candidates: Sequence[Candidate], teacher: Pretrained, extractor: Fe
         output.mkdir(parents=True, exist_ok=True)
         (output / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
         plot_quality_vs_steps(metrics, [c.label for c in candidates], output / PLOT_FILE)
-    return metrics
+    return procs.broadcast(metrics)
+
+
+def _first_images(images: torch.Tensor, shares: Sequence[range], procs: Processes, count: int) -> torch.Tensor:
+    """The first ``count`` samples of the whole draw (for the grid), gathered from the processes holding them."""
+    counts = [max(0, min(share.stop, count) - share.start) for share in shares]
+    return procs.gather(images[:counts[procs.rank]], counts)
 
 
 def _save_grid(images: torch.Tensor, teacher: Pretrained, path: Path, rows: int) -> None:

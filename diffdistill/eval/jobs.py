@@ -31,7 +31,13 @@ def _prepare(data: DataConfig, teacher: Pretrained, features: str | None, featur
                                "bench/toy_gmm.py (sliced W2 to the exact distribution)")
     extractor = get_feature_extractor(features or default_features(data), weights=feature_weights,
                                       device=opts.device)
-    reference = load_reference(data, extractor, split=split, refresh=refresh, progress=opts.progress)
+    procs = opts.processes
+    if not procs.is_main:  # the main process computes (or refreshes) the cached reference; the others read it
+        procs.barrier()
+    reference = load_reference(data, extractor, split=split, refresh=refresh and procs.is_main,
+                               progress=opts.progress and procs.is_main)
+    if procs.is_main:
+        procs.barrier()
     return extractor, reference
 
 
@@ -88,7 +94,7 @@ def sweep_checkpoints(run_dir: str | Path, steps: Sequence[int], teacher_steps: 
         m = evaluate([cand], teacher, extractor, reference, quiet)["student"]
         rows.append({"checkpoint": path.name, "train_step": run.step, "weights": cand.info["weights"],
                      **{k: m[k] for k in ("fid", "fid_std", "kid", "precision", "recall")}})
-        if opts.progress:
+        if opts.progress and opts.processes.is_main:
             print(f"{path.name}: FID " + ", ".join(f"{n} step(s) {v:.4f}" for n, v in m["fid"].items()), flush=True)
     table = {"checkpoints": rows, "best": {str(n): min(rows, key=lambda r: r["fid"][str(n)])["checkpoint"]
                                            for n in steps},
@@ -97,9 +103,10 @@ def sweep_checkpoints(run_dir: str | Path, steps: Sequence[int], teacher_steps: 
         t = evaluate([teacher_candidate(teacher, teacher_steps, teacher_sampler, teacher_spacing)], teacher,
                      extractor, reference, quiet)
         table["teacher"] = {k: t["teacher"][k] for k in ("fid", "fid_std", "kid", "precision", "recall", "sampler")}
-    out = Path(output or run.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SWEEP_FILE).write_text(json.dumps(table, indent=1) + "\n")
+    if opts.processes.is_main:
+        out = Path(output or run.run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SWEEP_FILE).write_text(json.dumps(table, indent=1) + "\n")
     return table
 
 

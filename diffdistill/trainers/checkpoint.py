@@ -108,7 +108,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
 def shared_keys(module: nn.Module, frozen: nn.Module) -> set[str]:
     """State keys of ``module`` whose tensors are ``frozen``'s own objects (a LoRA critic's base weights
     are the teacher's): checkpoints leave them out."""
-    ids = {id(t) for t in frozen.state_dict(keep_vars=True).values()}
+    # parameters and buffers, not frozen.state_dict(): a sharded teacher's state-dict hooks are collective
+    ids = {id(t) for t in (*frozen.parameters(), *frozen.buffers())}
     return {k for k, t in module.state_dict(keep_vars=True).items() if id(t) in ids}
 
 

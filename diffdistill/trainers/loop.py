@@ -32,6 +32,7 @@ from .ema import ema_decay, ema_update
 from .checkpoint import latest_checkpoint, load_checkpoint, load_network_state, save_checkpoint, shared_keys
 from .method import DistillConfig, Method, OptimConfig, get_method
 from .lora import frozen_sharing_copy
+from .sharding import shard_frozen_teacher
 
 CONFIG_FILE = "config.yaml"
 
@@ -84,7 +85,8 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
 
     saved = to_dict(load_config(type(cfg), run_dir / CONFIG_FILE))
     new = to_dict(cfg)
-    saved["train"].pop("max_steps"), new["train"].pop("max_steps")
+    for key in ("max_steps", "shard_teacher"):  # neither changes what a step computes
+        saved["train"].pop(key, None), new["train"].pop(key, None)
     if saved["method"] != new["method"]:
         raise DiffDistillError(f"cannot resume {run_dir}: it was made by method {saved['method']}, not {new['method']}; "
                                "resume it with its own config.yaml, or start a new run directory")
@@ -96,8 +98,8 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
         old_flat, new_flat = flat(saved), flat(new)
         key = next(k for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k))
         raise DiffDistillError(f"cannot resume {run_dir}: its config has {key}={old_flat.get(key)!r}, this one "
-                               f"{new_flat.get(key)!r} (only train.max_steps may change on resume); start a new run "
-                               "directory instead")
+                               f"{new_flat.get(key)!r} (only train.max_steps and train.shard_teacher may change on "
+                               "resume); start a new run directory instead")
 
 
 def last_logged_step(run_dir: Path) -> int:
@@ -145,6 +147,9 @@ class Trainer:
         self.method = build_method(cfg, self.accelerator.device)
         self.roles = self.method.trainable_roles()
         configure_networks([self.method.teacher.network, *self.roles.values()], list(self.roles.values()), cfg.train)
+        self.teacher_shard = None  # (this process's, all) teacher weights when sharded
+        if cfg.train.shard_teacher or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            self._shard_teacher()
         if "student" not in self.roles:
             raise DiffDistillError(f"method {cfg.method} declares no 'student' role")
         self.optimizers, self.schedulers = {}, {}
@@ -165,6 +170,18 @@ class Trainer:
         self.step = 0
         self.ema_start = 0  # the step the EMA copies were last (re)started from the student
         self.nonfinite_streak = self.nonfinite_total = 0
+
+    def _shard_teacher(self) -> None:
+        world = self.accelerator.num_processes
+        if world == 1:
+            if self.accelerator.is_main_process:
+                print("train.shard_teacher: a single process, so the teacher stays whole", flush=True)
+            return
+        self.teacher_shard = shard_frozen_teacher(self.method.teacher.network, self.roles, world,
+                                                  self.accelerator.device)
+        if self.accelerator.is_main_process:
+            print(f"teacher sharded over {world} processes: {self.teacher_shard[0]:,} of its "
+                  f"{self.teacher_shard[1]:,} weights on this one", flush=True)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:

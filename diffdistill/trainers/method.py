@@ -48,6 +48,8 @@ class TrainConfig:
                                                       "(diffusers models that support it): less memory, more time")
     attention: Literal["auto", "sdpa", "xformers"] = option("auto", help="attention kernel of diffusers models: "
                                                              "xformers when installed and on a GPU (auto), else torch SDPA")
+    shard_teacher: bool = option(False, help="multi-process runs: shard the frozen teacher's weights over the "
+                                             "processes (FSDP2); on by itself under an accelerate FSDP launch")
     seed: int = 0
     ema_decays: list[float] = field(default_factory=lambda: [0.999])
     ema_rampup: float = option(0.05, min=0.0, help="EDM EMA ramp-up: half-life ≤ this × steps averaged; 0 = off")
