@@ -80,6 +80,32 @@ def test_two_processes_equal_one_process_in_two_micro_batches(method, tiny_teach
                     assert torch.allclose(v, sb["optimizers"][role]["state"][i][name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
+def test_every_other_method_trains_under_two_processes(tiny_teacher_dir, tmp_path):
+    """Every digits config not launched above (consistency, DMD, iCT, LCM, SiD, VSD), 2 steps under one
+    two-process launch, equals one process with train.grad_accum=2 (same tolerance as above)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import distributed_all_methods as worker
+
+    launch = [ACCELERATE, "launch", "--config_file", str(REPO / "configs/accelerate/cpu_two_processes.yaml"),
+              "--main_process_port", str(free_port()), str(Path(worker.__file__))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([*launch, str(tiny_teacher_dir), str(tmp_path / "two")], capture_output=True, text=True,
+                            env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    worker.main(str(tiny_teacher_dir), str(tmp_path / "one"), "train.grad_accum=2")
+    names = [p.stem for p in worker.configs()]
+    assert {"consistency", "dmd", "ict", "lcm", "sid", "vsd"} <= set(names)
+    for name in names:
+        one, two = (tmp_path / r / name / "checkpoints" / "step_0000002" for r in ("one", "two"))
+        files = sorted(f.name for f in one.glob("*.safetensors"))
+        assert files and files == sorted(f.name for f in two.glob("*.safetensors")), name
+        for f in files:
+            sa, sb = load_file(one / f), load_file(two / f)
+            for k in sa:
+                assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-6), (name, f, k)
+
+
 def test_batch_that_does_not_split_is_refused(tiny_teacher_dir, tmp_path, capsys):
     assert main(["distill", "--quiet", "--output", str(tmp_path / "r"), *CASES["dmd2"], f"teacher={tiny_teacher_dir}",
                  "data.resolution=8", "train.batch_size=6", "train.grad_accum=4"]) == 2

@@ -11,6 +11,7 @@ wrote; made and cached there if missing) or, with ``dmd.pairs: null``, are made 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -63,7 +64,7 @@ def load_or_make_pairs(teacher, args: DMDArgs) -> dict[str, torch.Tensor]:
     pairs = make_pairs(teacher, args.num_pairs, args.pair_sampler, args.pair_steps, args.pair_seed)
     if args.pairs:
         Path(args.pairs).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.pairs).with_suffix(".tmp")
+        tmp = Path(args.pairs).with_suffix(f".{os.getpid()}.tmp")  # processes of one launch may race here
         save_file(pairs, str(tmp))
         tmp.replace(args.pairs)
     return pairs
