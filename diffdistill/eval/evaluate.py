@@ -113,6 +113,7 @@ def evaluate(candidates: Sequence[Candidate], teacher: Pretrained, extractor: Fe
     sample_prompts = cycled(prompts, opts.num) if prompts else None
     output = Path(output) if output is not None else None
     shares = [batch_share(opts.num, opts.batch_size, r, procs.world) for r in range(procs.world)]
+    counts = [len(share) for share in shares]
     mine, progress = shares[procs.rank], opts.progress and procs.is_main
     results: dict = {}
     for cand in candidates:
@@ -126,20 +127,21 @@ def evaluate(candidates: Sequence[Candidate], teacher: Pretrained, extractor: Fe
                                    seed=seed, batch_size=opts.batch_size, device=opts.device,
                                    progress=progress and n > 4, shard=procs.shard)
                 images = torch.cat([teacher.decode(b.to(opts.device)).cpu() for b in latents.split(opts.batch_size)])
-                counts = [len(share) for share in shares]
                 features = procs.gather(extract(extractor, images, opts.batch_size, progress), counts)
                 clip_scores = None
                 if clip is not None and sample_prompts is not None:
                     clip_scores = procs.gather(clip.scores(images, sample_prompts[mine.start:mine.stop],
                                                            opts.batch_size).double(), counts)
-                grid_images = _first_images(images, shares, procs, opts.grid_rows * (teacher.num_classes or 8))
+                grid = output is not None and seed == opts.seeds[0]
+                grid_images = _first_images(images, shares, procs, opts.grid_rows * (teacher.num_classes or 8)) \
+                    if grid else None
                 if not procs.is_main:
                     continue
                 for name, value in score(features, reference, opts, seed).items():
                     per_seed.setdefault(name, {}).setdefault(str(n), []).append(value)
                 if clip_scores is not None:
                     per_seed.setdefault("clip_score", {}).setdefault(str(n), []).append(float(clip_scores.mean()))
-                if output is not None and seed == opts.seeds[0]:
+                if grid:
                     _save_grid(grid_images, teacher, output / "grids" / f"{cand.label}_{n}step.png", opts.grid_rows)
             seconds[str(n)] = round(time.perf_counter() - start, 2)
             if progress:
