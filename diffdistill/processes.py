@@ -62,11 +62,22 @@ class Processes:
             else torch.device("cpu")
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (``accelerate launch``, torchrun) started; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def cpu_process_group() -> bool:
+    """Whether accelerate must be told ``cpu=True``: several processes and no CUDA. accelerate forms a gloo
+    group on CPUs only when told so; a single process keeps accelerate's own device choice (e.g. MPS)."""
+    return launched_processes() > 1 and not torch.cuda.is_available()
+
+
 def current_processes() -> Processes:
     """The processes this command runs as (see the module docstring)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_processes() <= 1:
         return Processes()
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=cpu_process_group())
     return Processes(state.process_index, state.num_processes, str(state.device))

@@ -156,3 +156,17 @@ def test_teacher_sharding_units_and_refusal_of_weight_sharing_roles():
     student = add_lora(teacher, 2, 2.0, ["to_q", "to_k", "to_v", "conv1", "conv2"], "student", 0)
     with pytest.raises(ConfigError, match="student shares the teacher's weights"):
         shard_frozen_teacher(teacher, {"student": student}, 2, torch.device("cpu"))
+
+
+def test_eval_refuses_a_draw_with_fewer_batches_than_processes():
+    """Checked before any collective: 300 samples in batches of 100 leave one of 4 processes idle."""
+    from types import SimpleNamespace
+
+    from diffdistill.errors import DiffDistillError
+    from diffdistill.eval.evaluate import EvalOptions, evaluate
+    from diffdistill.processes import Processes
+
+    opts = EvalOptions(num=300, batch_size=100, processes=Processes(rank=0, world=4))
+    extractor = SimpleNamespace(dim=64, name="digits")
+    with pytest.raises(DiffDistillError, match="leaves 1 of 4 processes without a batch; use --batch-size 75"):
+        evaluate([], None, extractor, None, opts)

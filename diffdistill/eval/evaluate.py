@@ -105,15 +105,15 @@ def evaluate(candidates: Sequence[Candidate], teacher: Pretrained, extractor: Fe
                                f"{extractor.name}: FID's covariance would be singular; use --num {extractor.dim + 1} "
                                "or more")
     procs = opts.processes
-    batches = -(-opts.num // opts.batch_size)
-    if batches < procs.world:
-        raise DiffDistillError(f"--num {opts.num} in batches of {opts.batch_size} makes {batches} batch(es) for "
-                               f"{procs.world} processes; use --batch-size {-(-opts.num // procs.world)} or less")
+    shares = [batch_share(opts.num, opts.batch_size, r, procs.world) for r in range(procs.world)]
+    counts = [len(share) for share in shares]
+    if 0 in counts:
+        raise DiffDistillError(f"--num {opts.num} in batches of {opts.batch_size} leaves "
+                               f"{counts.count(0)} of {procs.world} processes without a batch; use --batch-size "
+                               f"{-(-opts.num // procs.world)} or less")
     cond = teacher.cycled_conditioning(opts.num, prompts)
     sample_prompts = cycled(prompts, opts.num) if prompts else None
     output = Path(output) if output is not None else None
-    shares = [batch_share(opts.num, opts.batch_size, r, procs.world) for r in range(procs.world)]
-    counts = [len(share) for share in shares]
     mine, progress = shares[procs.rank], opts.progress and procs.is_main
     results: dict = {}
     for cand in candidates:

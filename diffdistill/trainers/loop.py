@@ -27,6 +27,7 @@ from ..denoiser import Conditioning, standard_guidance_scale
 from ..errors import ConfigError, DataError, DiffDistillError
 from ..grid import save_grid
 from ..pretrained import load_pretrained
+from ..processes import cpu_process_group
 from ..samplers import generate
 from .ema import ema_decay, ema_update
 from .checkpoint import latest_checkpoint, load_checkpoint, load_network_state, save_checkpoint, shared_keys
@@ -135,10 +136,8 @@ class Trainer:
 
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.total_steps = cfg.train.max_steps if max_steps is None else min(max_steps, cfg.train.max_steps)
-        # several processes without CUDA: accelerate forms a gloo process group on CPUs only when told cpu=True
-        # (a single process keeps accelerate's own device choice, e.g. Apple's MPS)
-        cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        self.accelerator = Accelerator(cpu=cfg.train.cpu or cpu_group, mixed_precision=cfg.train.mixed_precision)
+        self.accelerator = Accelerator(cpu=cfg.train.cpu or cpu_process_group(),
+                                       mixed_precision=cfg.train.mixed_precision)
         shards = self.accelerator.num_processes * cfg.train.grad_accum
         if cfg.train.batch_size % shards:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split into {self.accelerator.num_processes} "
@@ -147,7 +146,6 @@ class Trainer:
         self.method = build_method(cfg, self.accelerator.device)
         self.roles = self.method.trainable_roles()
         configure_networks([self.method.teacher.network, *self.roles.values()], list(self.roles.values()), cfg.train)
-        self.teacher_shard = None  # (this process's, all) teacher weights when sharded
         if cfg.train.shard_teacher or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
             self._shard_teacher()
         if "student" not in self.roles:
@@ -177,11 +175,9 @@ class Trainer:
             if self.accelerator.is_main_process:
                 print("train.shard_teacher: a single process, so the teacher stays whole", flush=True)
             return
-        self.teacher_shard = shard_frozen_teacher(self.method.teacher.network, self.roles, world,
-                                                  self.accelerator.device)
+        here, whole = shard_frozen_teacher(self.method.teacher.network, self.roles, world, self.accelerator.device)
         if self.accelerator.is_main_process:
-            print(f"teacher sharded over {world} processes: {self.teacher_shard[0]:,} of its "
-                  f"{self.teacher_shard[1]:,} weights on this one", flush=True)
+            print(f"teacher sharded over {world} processes: {here:,} of its {whole:,} weights on this one", flush=True)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
