@@ -49,6 +49,34 @@ def test_resume_is_bit_identical(tiny_teacher_dir, tmp_path):
     assert logs == straight
 
 
+def test_warmup_stable_decay_schedule_and_resuming_into_it(tiny_teacher_dir, tmp_path):
+    """``decay_steps`` holds the rate then decays it over the last steps; a constant run resumed into that
+    tail equals the straight warmup-stable-decay run bit for bit; a cosine over all steps cannot be stretched."""
+    from diffdistill.trainers.loop import lr_factor
+    from diffdistill.trainers.method import OptimConfig
+
+    f = lr_factor(OptimConfig(schedule="cosine", decay_steps=10), 20)
+    assert [f(k) for k in (0, 5, 10)] == [1.0, 1.0, 1.0] and f(15) == pytest.approx(0.5) and f(20) == pytest.approx(0.0)
+    g = lr_factor(OptimConfig(schedule="cosine"), 20)
+    assert g(10) == pytest.approx(0.5) and g(0) == 1.0
+    wsd = pd_config(tiny_teacher_dir, "student_optim.schedule=cosine", "student_optim.decay_steps=10",
+                    "student_optim.lr=3e-3")
+    distill(wsd, tmp_path / "straight", progress=False)
+    distill(pd_config(tiny_teacher_dir, "train.max_steps=10", "student_optim.lr=3e-3"), tmp_path / "resumed",
+            progress=False)
+    distill(wsd, tmp_path / "resumed", resume=True, progress=False)
+    a, b = latest_checkpoint(tmp_path / "straight"), latest_checkpoint(tmp_path / "resumed")
+    assert a.name == b.name == "step_0000020"
+    for name in ("student.safetensors", "ema_0.9.safetensors"):
+        sa, sb = load_file(a / name), load_file(b / name)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    distill(pd_config(tiny_teacher_dir, "train.max_steps=10", "student_optim.schedule=cosine"), tmp_path / "cos",
+            progress=False)
+    with pytest.raises(DiffDistillError, match="student_optim's learning rate at step 1 would be"):
+        distill(pd_config(tiny_teacher_dir, "student_optim.schedule=cosine"), tmp_path / "cos", resume=True,
+                progress=False)
+
+
 def test_checkpoints_keep_last_k_and_skip_corrupt(tiny_teacher_dir, tmp_path):
     cfg = pd_config(tiny_teacher_dir, "train.max_steps=30")
     distill(cfg, tmp_path / "run", progress=False)

@@ -73,6 +73,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if (p / MANIFEST).is_file())
 
 
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint directory ``step_XXXXXXX`` was saved at."""
+    return int(Path(path).name.rsplit("_", 1)[-1])
+
+
 def verify_checkpoint(path: Path) -> bool:
     """True when every file listed in the manifest exists with the recorded SHA-256."""
     try:

@@ -30,7 +30,7 @@ from ..pretrained import load_pretrained
 from ..processes import cpu_process_group
 from ..samplers import generate
 from .ema import ema_decay, ema_update
-from .checkpoint import latest_checkpoint, load_checkpoint, load_network_state, save_checkpoint, shared_keys
+from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, load_network_state, save_checkpoint, shared_keys
 from .method import DistillConfig, Method, OptimConfig, get_method
 from .lora import frozen_sharing_copy
 from .sharding import shard_frozen_teacher
@@ -39,13 +39,61 @@ CONFIG_FILE = "config.yaml"
 
 
 def lr_factor(cfg: OptimConfig, total_steps: int):
-    """Linear warm-up over ``warmup_steps``, then constant or cosine decay to 0 at ``total_steps``."""
+    """Linear warm-up over ``warmup_steps``, then constant, or a cosine decay to 0 at ``total_steps`` over
+    all steps or over the last ``decay_steps``."""
+    start = max(0, total_steps - cfg.decay_steps) if cfg.decay_steps else 0
+
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
         if cfg.schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+            progress = min(max(step - start, 0), total_steps - start) / max(total_steps - start, 1)
+            return warm * 0.5 * (1 + math.cos(math.pi * progress))
         return warm
     return factor
+
+
+RESUMABLE_OPTIM_KEYS = ("schedule", "decay_steps")  # may change on resume where the steps already taken keep their rates
+
+
+def _check_resume_config(run_dir: Path, cfg: DistillConfig, step: int) -> None:
+    """Refuse to resume ``run_dir`` (at ``step``) with a config that computes a step differently. Only
+    ``train.max_steps``, ``train.shard_teacher`` and a role's learning-rate ``schedule`` / ``decay_steps``
+    may change, and the last three only where every role's learning rate at steps ``0 .. step-1`` is the
+    one the run was trained with: a constant run resumes into a warmup-stable-decay tail; a cosine run
+    cannot be stretched to more steps (its past rates would differ)."""
+    from ..config import load_config
+
+    saved_cfg = load_config(type(cfg), run_dir / CONFIG_FILE)
+    saved, new = to_dict(saved_cfg), to_dict(cfg)
+    if saved["method"] != new["method"]:
+        raise DiffDistillError(f"cannot resume {run_dir}: it was made by method {saved['method']}, not {new['method']}; "
+                               "resume it with its own config.yaml, or start a new run directory")
+    optim_roles = [k for k, v in vars(cfg).items() if isinstance(v, OptimConfig)]
+    for role in optim_roles:
+        old_f = lr_factor(getattr(saved_cfg, role), saved_cfg.train.max_steps)
+        new_f = lr_factor(getattr(cfg, role), cfg.train.max_steps)
+        changed = next((k for k in range(step) if not math.isclose(old_f(k), new_f(k), rel_tol=1e-12, abs_tol=1e-15)),
+                       None)
+        if changed is not None:
+            raise DiffDistillError(
+                f"cannot resume {run_dir} at step {step}: {role}'s learning rate at step {changed} would be "
+                f"{new_f(changed):.6g}× lr, it was trained with {old_f(changed):.6g}× (a cosine decay over all steps "
+                f"cannot be stretched; use {role}.decay_steps for a decay that starts later)")
+        for key in RESUMABLE_OPTIM_KEYS:
+            saved[role].pop(key, None), new[role].pop(key, None)
+    for key in ("max_steps", "shard_teacher"):
+        saved["train"].pop(key, None), new["train"].pop(key, None)
+    if saved != new:
+        def flat(d, prefix=""):
+            return {k2: v2 for k, v in d.items() for k2, v2 in
+                    (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
+
+        old_flat, new_flat = flat(saved), flat(new)
+        key = next(k for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k))
+        raise DiffDistillError(f"cannot resume {run_dir}: its config has {key}={old_flat.get(key)!r}, this one "
+                               f"{new_flat.get(key)!r} (only train.max_steps, train.shard_teacher and a "
+                               "learning-rate schedule that keeps the steps already taken may change on resume); "
+                               "start a new run directory instead")
 
 
 def configure_networks(all_networks: list[nn.Module], trained: list[nn.Module], train) -> dict[str, str]:
@@ -79,28 +127,6 @@ def build_method(cfg: DistillConfig, device: torch.device | str = "cpu") -> Meth
     teacher = load_pretrained(cfg.teacher, device=device,
                               guidance_scale=standard_guidance_scale(cfg.guidance_scale, cfg.guidance_convention))
     return get_method(cfg.method)(cfg, teacher)
-
-
-def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
-    from ..config import load_config
-
-    saved = to_dict(load_config(type(cfg), run_dir / CONFIG_FILE))
-    new = to_dict(cfg)
-    for key in ("max_steps", "shard_teacher"):  # neither changes what a step computes
-        saved["train"].pop(key, None), new["train"].pop(key, None)
-    if saved["method"] != new["method"]:
-        raise DiffDistillError(f"cannot resume {run_dir}: it was made by method {saved['method']}, not {new['method']}; "
-                               "resume it with its own config.yaml, or start a new run directory")
-    if saved != new:
-        def flat(d, prefix=""):
-            return {k2: v2 for k, v in d.items() for k2, v2 in
-                    (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
-
-        old_flat, new_flat = flat(saved), flat(new)
-        key = next(k for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k))
-        raise DiffDistillError(f"cannot resume {run_dir}: its config has {key}={old_flat.get(key)!r}, this one "
-                               f"{new_flat.get(key)!r} (only train.max_steps and train.shard_teacher may change on "
-                               "resume); start a new run directory instead")
 
 
 def last_logged_step(run_dir: Path) -> int:
@@ -340,7 +366,7 @@ class Trainer:
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is None:
                 raise DiffDistillError(f"--resume: {self.run_dir} has no complete checkpoint; start without --resume")
-            _check_resume_config(self.run_dir, self.cfg)
+            _check_resume_config(self.run_dir, self.cfg, checkpoint_step(ckpt))
             self.load(ckpt)
             if main:  # forget what was logged after the checkpoint: those steps run again
                 _truncate_log(self.run_dir / "log.jsonl", self.step)

@@ -25,13 +25,18 @@ from .lora import LORA_TARGETS, add_lora, trainable_copy
 
 @dataclass
 class OptimConfig:
-    """AdamW for one role, with linear warm-up then a constant or cosine learning rate."""
+    """AdamW for one role, with linear warm-up then a constant or cosine learning rate.
+
+    ``decay_steps`` > 0 holds the rate constant and decays it over the run's last ``decay_steps`` steps only
+    (warmup-stable-decay, Hu et al. 2024, MiniCPM §4): such a run's first steps are those of the constant
+    run, so a constant run may be resumed into its decay (see ``loop._check_resume_config``)."""
 
     lr: float = option(1e-4, min=0.0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = option(0.0, min=0.0)
     warmup_steps: int = option(0, min=0)
     schedule: Literal["constant", "cosine"] = "constant"
+    decay_steps: int = option(0, min=0, help="schedule=cosine: decay over the last N steps only; 0 = over all steps")
 
 
 @dataclass
