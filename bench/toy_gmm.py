@@ -9,6 +9,10 @@ teacher's own 100-step Heun ODE samples and the ratio of the two (and, as the es
 ``--num`` fresh exact mixture samples); the share of samples within 3 standard
 deviations of some mode; the fewest samples any mode received (mode coverage: every mode should get
 about ``num/8``); and the training wall time. Goal (issue 4): ratio ≤ 1.1 and every mode covered.
+
+A second reference row runs the same 100-step ODE on the MLP that students and critics start from
+(:func:`diffdistill.toy.fit_toy_network`, fitted to exact samples): the critic is that network class, and
+the distribution it can represent bounds what the generator is pulled towards.
 """
 
 from __future__ import annotations
@@ -65,7 +69,12 @@ def main() -> None:
             exact = generate(m.teacher.denoiser, (mix.dim,), args.num, sampler="heun", num_steps=100, seed=1)
             teacher_row = (sw2(exact, ref), *modes(exact, mix))
             floor = sw2(mix.sample(args.num, generator=torch.Generator().manual_seed(7))[0], ref)
-            print(f"exact teacher, 100 Heun steps: SW2 {teacher_row[0]:.4f}; exact samples {floor:.4f}", flush=True)
+            fitted = m.like_teacher(m.teacher.network)
+            with torch.no_grad():
+                mlp = generate(fitted, (mix.dim,), args.num, sampler="heun", num_steps=100, seed=1)
+            fitted_row = (sw2(mlp, ref), *modes(mlp, mix))
+            print(f"exact teacher, 100 Heun steps: SW2 {teacher_row[0]:.4f}; fitted MLP, 100 Heun steps: SW2 "
+                  f"{fitted_row[0]:.4f}; exact samples {floor:.4f}", flush=True)
         student = m.student_denoiser(trainer.ema[cfg.train.ema_decays[0]])
         x = generate(student, (mix.dim,), args.num, sampler=m.student_sampler, timesteps=m.student_timesteps(1), seed=1)
         rows.append((Path(path).stem, cfg.method, trainer.step, seconds, sw2(x, ref), *modes(x, mix)))
@@ -78,6 +87,9 @@ def main() -> None:
     for name, method, steps, seconds, s, near, least in rows:
         print(f"| {name} | {method} | {steps} | {seconds:.0f} s | {s:.4f} | {t_sw2:.4f} | {s / t_sw2:.2f} | "
               f"{near:.1%} (exact {t_near:.1%}) | {least} (exact {t_min}) |")
+    f_sw2, f_near, f_min = fitted_row
+    print(f"| fitted MLP (students' and critics' start), 100 Heun steps | — | — | — | {f_sw2:.4f} | {t_sw2:.4f} | "
+          f"{f_sw2 / t_sw2:.2f} | {f_near:.1%} (exact {t_near:.1%}) | {f_min} (exact {t_min}) |")
     print(f"\n{args.num} samples each vs 200000 exact mixture samples; sliced W2 with 256 projections; "
           f"{args.num} fresh exact samples score {floor:.4f} (the estimator's floor).")
 
