@@ -70,15 +70,6 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig, step: int) -> None:
                                "resume it with its own config.yaml, or start a new run directory")
     optim_roles = [k for k, v in vars(cfg).items() if isinstance(v, OptimConfig)]
     for role in optim_roles:
-        old_f = lr_factor(getattr(saved_cfg, role), saved_cfg.train.max_steps)
-        new_f = lr_factor(getattr(cfg, role), cfg.train.max_steps)
-        changed = next((k for k in range(step) if not math.isclose(old_f(k), new_f(k), rel_tol=1e-12, abs_tol=1e-15)),
-                       None)
-        if changed is not None:
-            raise DiffDistillError(
-                f"cannot resume {run_dir} at step {step}: {role}'s learning rate at step {changed} would be "
-                f"{new_f(changed):.6g}× lr, it was trained with {old_f(changed):.6g}× (a cosine decay over all steps "
-                f"cannot be stretched; use {role}.decay_steps for a decay that starts later)")
         for key in RESUMABLE_OPTIM_KEYS:
             saved[role].pop(key, None), new[role].pop(key, None)
     for key in ("max_steps", "shard_teacher"):
@@ -94,6 +85,16 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig, step: int) -> None:
                                f"{new_flat.get(key)!r} (only train.max_steps, train.shard_teacher and a "
                                "learning-rate schedule that keeps the steps already taken may change on resume); "
                                "start a new run directory instead")
+    for role in optim_roles:
+        old_f = lr_factor(getattr(saved_cfg, role), saved_cfg.train.max_steps)
+        new_f = lr_factor(getattr(cfg, role), cfg.train.max_steps)
+        changed = next((k for k in range(step) if not math.isclose(old_f(k), new_f(k), rel_tol=1e-12, abs_tol=1e-15)),
+                       None)
+        if changed is not None:
+            raise DiffDistillError(
+                f"cannot resume {run_dir} at step {step}: {role}'s learning rate at step {changed} would be "
+                f"{new_f(changed):.6g}× lr, it was trained with {old_f(changed):.6g}× (a cosine decay over all steps "
+                f"cannot be stretched; use {role}.decay_steps for a decay that starts later)")
 
 
 def configure_networks(all_networks: list[nn.Module], trained: list[nn.Module], train) -> dict[str, str]:
