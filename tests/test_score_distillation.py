@@ -66,6 +66,7 @@ def test_cpu_runs_step_the_right_roles(method, extra, tiny_teacher_dir, tmp_path
     names = set(terms[0])
     assert {"critic/score_matching", "generator/loss"} <= names
     assert ("critic/gan_discriminator" in names) == cfg.gan.enabled == ("generator/gan_generator" in names)
+    assert ("critic/fake_realism" in names) == cfg.gan.enabled == ("critic/real_realism" in names)
     if cfg.gan.enabled and cfg.gan.penalty != "none":
         assert "critic/gan_penalty" in names
     if method == "dmd":

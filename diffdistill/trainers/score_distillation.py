@@ -156,7 +156,9 @@ class ScoreDistillation(Method):
             fake = realism_logits(source, self.head, x, cond,
                                   *gan_noise(source.schedule, x, gan.max_time_fraction, generator))
             terms["gan_discriminator"] = d = discriminator_loss(real, fake)
+            # the head's mean verdicts: both near 0.5 (loss near 2·ln 2) means it cannot tell them apart
             terms["real_realism"] = torch.sigmoid(real).mean().detach()
+            terms["fake_realism"] = torch.sigmoid(fake).mean().detach()
             loss = loss + gan.discriminator_weight * d
             if gan.penalty != "none":
                 t, eps = gan_noise(source.schedule, x_real, gan.max_time_fraction, generator)
