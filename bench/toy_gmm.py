@@ -13,8 +13,9 @@ the sampling noise stays seed 1), one row per seed, then the median ratio over t
 config differ by more than the estimator's noise. Goal (issue 4): ratio ≤ 1.1 and every mode covered.
 
 A second reference row runs the same 100-step ODE on the MLP that students and critics start from
-(:func:`diffdistill.toy.fit_toy_network`, fitted to exact samples): the critic is that network class, and
-the distribution it can represent bounds what the generator is pulled towards.
+(:func:`diffdistill.toy.fit_toy_network`, fitted to exact samples): how well that network class, the
+critic's, represents the mixture as an ODE. It is a reference, not a bound: one-step students have scored
+below it (README, "Analytic Gaussian mixture").
 """
 
 from __future__ import annotations
