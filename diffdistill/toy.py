@@ -81,9 +81,15 @@ NETWORK = {"hidden": 256, "depth": 4}
 FIT_STEPS = 3000
 
 
+def fit_toy_network(name: str, steps: int | None = None, batch_size: int = 512, seed: int = 0) -> ToyMLP:
+    """A :class:`ToyMLP` fitted to mixture ``name`` by v-prediction score matching on exact samples, for
+    ``steps`` optimizer steps (default :data:`FIT_STEPS`, read at call time). Cached per process on the
+    resolved arguments, so every spelling of the same fit (``f(name)``, ``f(name, FIT_STEPS)``) shares one."""
+    return _fit_toy_network(name, FIT_STEPS if steps is None else steps, batch_size, seed)
+
+
 @functools.lru_cache(maxsize=4)
-def fit_toy_network(name: str, steps: int = FIT_STEPS, batch_size: int = 512, seed: int = 0) -> ToyMLP:
-    """A :class:`ToyMLP` fitted to mixture ``name`` by v-prediction score matching on exact samples."""
+def _fit_toy_network(name: str, steps: int, batch_size: int, seed: int) -> ToyMLP:
     mix, schedule = mixture(name), VPSchedule.from_scheduler_config(TOY_SCHEDULER_CONFIG)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -115,7 +121,7 @@ def load_toy_teacher(name: str, guidance_scale: float | None = None):
     denoiser = GaussianMixtureDenoiser(mix, schedule, guidance_scale=1.0 if guidance_scale is None else guidance_scale)
     return Pretrained(denoiser=denoiser, path=Path(f"analytic:{name}"),
                       meta={"num_classes": 0, "sample_shape": [mix.dim], "analytic": name},
-                      init_network=fit_toy_network(name, FIT_STEPS))
+                      init_network=fit_toy_network(name))
 
 
 class MixtureDataset(torch.utils.data.Dataset):

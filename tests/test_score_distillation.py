@@ -243,6 +243,19 @@ def test_analytic_teacher_runs_through_the_loop(tmp_path, monkeypatch):
     assert x.shape == (5, 2)
 
 
+def test_toy_network_fit_is_shared_however_it_is_called(monkeypatch):
+    """The run's teacher loading and bench/toy_gmm.py's pre-fit (outside its timer) must hit one cache entry:
+    ``fit_toy_network(name)`` and ``fit_toy_network(name, FIT_STEPS)`` are the same fit, and the default
+    follows ``FIT_STEPS`` at call time."""
+    from diffdistill import toy
+
+    monkeypatch.setattr(toy, "FIT_STEPS", 7)
+    net = toy.fit_toy_network("ring8")
+    assert toy.fit_toy_network("ring8", 7) is net and toy.fit_toy_network("ring8", steps=7, seed=0) is net
+    assert toy.load_toy_teacher("ring8").init_network is net
+    assert toy.fit_toy_network("ring8", 8) is not net
+
+
 @pytest.mark.parametrize("inputs", ["backward_simulation", "noised_data"])
 def test_student_inputs_switch(inputs, tiny_teacher_dir, tmp_path, monkeypatch):
     """Training the last of K = 4 student steps: backward simulation runs the student's own chain from noise
