@@ -7,9 +7,10 @@ budget), then prints one table: the Fréchet distance between generated digits a
 split in the shipped digits classifier's feature space (an FID whose feature network is the digits
 classifier), for the student at 1, 2 and 4 steps beside the teacher at the same step counts (DDIM,
 trailing grid) and at 50 steps, plus training wall time. All numbers come from one process, one set of
-reference statistics and the same seeds, through the same feature extractor, 8-bit rounding and cached
-reference as ``diffdistill eval`` (so a row equals ``diffdistill eval --run runs/bench/METHOD --num N
---seeds 1,`` with seed 1).
+reference statistics and the same seeds, through the same feature extractor, 8-bit rounding, cached
+reference and sampling batch size as ``diffdistill eval`` (so a row equals ``diffdistill eval --run
+runs/bench/METHOD --num N --seeds 1,`` with seed 1; the batch size matters for multi-step students, whose
+samplers draw fresh noise per batch).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from diffdistill.data import DataConfig  # noqa: E402
 from diffdistill.denoiser import Conditioning  # noqa: E402
+from diffdistill.eval.evaluate import EvalOptions  # noqa: E402
 from diffdistill.eval.features import DigitsFeatures  # noqa: E402
 from diffdistill.eval.metrics import fid_from_features  # noqa: E402
 from diffdistill.eval.reference import load_reference  # noqa: E402
@@ -36,6 +38,8 @@ from diffdistill.trainers.loop import Trainer  # noqa: E402
 from diffdistill.trainers.method import load_distill_config  # noqa: E402
 
 STEPS = (1, 2, 4)
+#: ``diffdistill eval``'s sampling batch size: fixes the per-batch fresh noise of stochastic multi-step samplers
+BATCH = EvalOptions().batch_size
 
 
 def fd(images, extractor, ref) -> float:
@@ -73,7 +77,8 @@ def main() -> None:
     rows = []
     t0 = time.perf_counter()
     teacher_fd = {n: fd(generate(teacher.denoiser, teacher.sample_shape, args.num, sampler="ddim", num_steps=n,
-                                 spacing="trailing", cond=cond, seed=1), classifier, ref) for n in (*STEPS, 50)}
+                                 spacing="trailing", cond=cond, seed=1,
+                                 batch_size=BATCH), classifier, ref) for n in (*STEPS, 50)}
     print(f"teacher evaluated in {time.perf_counter() - t0:.0f}s", flush=True)
     for method in args.methods.split(","):
         cfg = load_distill_config(str(REPO / "configs/digits" / f"{method}.yaml"), [*args.overrides, "train.sample_every=0"])
@@ -87,7 +92,7 @@ def main() -> None:
             student = m.student_denoiser(trainer.ema[cfg.train.ema_decays[0]])
             for n in counts:
                 images = generate(student, teacher.sample_shape, args.num, sampler=m.student_sampler,
-                                  timesteps=m.student_timesteps(n), cond=cond, seed=1)
+                                  timesteps=m.student_timesteps(n), cond=cond, seed=1, batch_size=BATCH)
                 fds[n] = fd(images, classifier, ref)
         seconds = time.perf_counter() - start
         rows.append((method, trainer.step, seconds, fds))
