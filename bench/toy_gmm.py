@@ -12,8 +12,8 @@ deviations of some mode; the fewest samples any mode received (mode coverage: ev
 about ``num/8``); and the training wall time. Each config trains once per ``--seeds`` entry (``train.seed``),
 one row per seed, then the median ratio over the seeds. Every SW2 is the mean over ``--sample-seeds``
 draws of ``--num`` samples (the student's and the ODE's noise, the fresh exact samples): at 100 000 samples
-one draw's SW2 moves by about 0.004–0.007 with the seed, a quarter of its value, because it mostly measures
-how the draw's mode counts scatter (README, "Analytic Gaussian mixture"). Goal (issue 4): ratio ≤ 1.1 and
+one draw of the exact ODE or of fresh exact samples moves by about 0.004–0.007 with the seed, a quarter to a
+third of its value, because it mostly measures how the draw's mode counts scatter (README, "Analytic Gaussian mixture"). Goal (issue 4): ratio ≤ 1.1 and
 every mode covered.
 
 A second reference row runs the same 100-step ODE on the MLP that students and critics start from
