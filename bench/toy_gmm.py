@@ -13,8 +13,8 @@ about ``num/8``); and the training wall time. Each config trains once per ``--se
 one row per seed, then the median ratio over the seeds. Every SW2 is the mean over ``--sample-seeds``
 draws of ``--num`` samples (the student's and the ODE's noise, the fresh exact samples): at 100 000 samples
 one draw of the exact ODE or of fresh exact samples moves by about 0.004–0.007 with the seed, a quarter to a
-third of its value, because it mostly measures how the draw's mode counts scatter (README, "Analytic Gaussian mixture"). Goal (issue 4): ratio ≤ 1.1 and
-every mode covered.
+third of its value, because it mostly measures how the draw's mode counts scatter (README, "Analytic
+Gaussian mixture"). Goal (issue 4): ratio ≤ 1.1 and every mode covered.
 
 A second reference row runs the same 100-step ODE on the MLP that students and critics start from
 (:func:`diffdistill.toy.fit_toy_network`, fitted to exact samples): how well that network class, the
@@ -90,15 +90,12 @@ def main() -> None:
             floor = statistics.mean(sw2(mix.sample(args.num, generator=torch.Generator().manual_seed(s))[0], ref)
                                     for s in sample_seeds)
             fitted = m.like_teacher(m.teacher.network)
-            with torch.no_grad():
-                fitted_row = scored(lambda s: generate(fitted, (mix.dim,), args.num, sampler="heun", num_steps=100,
-                                                       seed=s))
+            fitted_row = scored(lambda s: generate(fitted, (mix.dim,), args.num, sampler="heun", num_steps=100, seed=s))
             print(f"exact teacher, 100 Heun steps: SW2 {teacher_row[0]:.4f}; fitted MLP, 100 Heun steps: SW2 "
                   f"{fitted_row[0]:.4f}; exact samples {floor:.4f}", flush=True)
         student = m.student_denoiser(trainer.ema[cfg.train.ema_decays[0]])
-        with torch.no_grad():
-            result = scored(lambda s: generate(student, (mix.dim,), args.num, sampler=m.student_sampler,
-                                               timesteps=m.student_timesteps(1), seed=s))
+        result = scored(lambda s: generate(student, (mix.dim,), args.num, sampler=m.student_sampler,
+                                           timesteps=m.student_timesteps(1), seed=s))
         rows.append((Path(path).stem, seed, cfg.method, trainer.step, seconds, *result))
         print(rows[-1], flush=True)
     t_sw2, t_near, t_min = teacher_row
