@@ -43,6 +43,7 @@ CASES = [
     ("dmd2", ["critic.updates=2", "gan.features=teacher", "gan.penalty=r1", "generator.student_steps=2",
               "generator.student_inputs=noised_data"]),
     ("dmd2", ["critic.updates=1", "gan.penalty=approx_r1", "generator.student_steps=4", "critic.kind=lora"]),
+    ("dmd2", ["critic.updates=2", "generator.student_steps=2", "critic.per_step=true"]),
     ("vsd", []),
     ("sid", []),
 ]
@@ -98,10 +99,12 @@ def test_lora_critic_trains_adapters_only_and_is_checkpointed_without_the_teache
         assert torch.equal(p, q), n
 
 
-def test_score_distillation_resume_is_bit_identical(tiny_teacher_dir, tmp_path):
+@pytest.mark.parametrize("per_step", ["false", "true"])
+def test_score_distillation_resume_is_bit_identical(per_step, tiny_teacher_dir, tmp_path):
     from diffdistill.trainers.loop import distill
 
-    extra = ["train.max_steps=4", "train.checkpoint_every=2", "critic.updates=2", "generator.student_steps=2"]
+    extra = ["train.max_steps=4", "train.checkpoint_every=2", "critic.updates=2", "generator.student_steps=2",
+             f"critic.per_step={per_step}"]
     straight = Trainer(tiny("dmd2", tiny_teacher_dir, *extra), tmp_path / "a", progress=False)
     straight.run()
     distill(tiny("dmd2", tiny_teacher_dir, *extra), tmp_path / "b", max_steps=2, progress=False)
@@ -110,6 +113,38 @@ def test_score_distillation_resume_is_bit_identical(tiny_teacher_dir, tmp_path):
     for stem, net in straight.networks().items():
         for (k, v), w in zip(net.state_dict().items(), resumed.networks()[stem].state_dict().values()):
             assert torch.equal(v, w), (stem, k)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_per_step_critics_each_see_only_their_own_step(kind, tmp_path, monkeypatch):
+    """``critic.per_step``: K critics; when an update trains student step k, only critic k is queried (critic
+    phase and generator phase alike) and only critic k's weights move. Off, or with K = 1, one critic."""
+    from diffdistill import toy
+
+    monkeypatch.setattr(toy, "FIT_STEPS", 20)
+    base = [f"critic.kind={kind}", "critic.lora_targets=[trunk.2,head]", "train.batch_size=16", "critic.updates=2", "gan.enabled=true",
+            "gan.features=critic"]
+    cfg = load_distill_config(str(REPO / "configs/toy/dmd2.yaml"),
+                              [*base, "generator.student_steps=4", "critic.per_step=true"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    m = trainer.method
+    assert isinstance(m.critic, torch.nn.ModuleList) and len(m.critic) == 4
+    assert len({id(c) for c in m.critic}) == 4 and m.critic_denoiser(3).network is m.critic[3]
+    calls = []
+    for k, critic in enumerate(m.critic):
+        critic.register_forward_hook(lambda mod, args, out, _k=k: calls.append(_k))
+    monkeypatch.setattr(m, "draw_step", lambda generator: 2)
+    before = [[p.detach().clone() for p in c.parameters() if p.requires_grad] for c in m.critic]
+    terms = trainer.train_step()
+    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+    assert calls and set(calls) == {2}
+    for k, (critic, old) in enumerate(zip(m.critic, before)):
+        moved = any(not torch.equal(p, q) for p, q in zip((p for p in critic.parameters() if p.requires_grad), old))
+        assert moved == (k == 2), k
+    for extra in (["generator.student_steps=4", "critic.per_step=false"], ["critic.per_step=true"]):
+        one = Trainer(load_distill_config(str(REPO / "configs/toy/dmd2.yaml"), [*base, *extra]), tmp_path / "one",
+                      progress=False).method
+        assert not isinstance(one.critic, torch.nn.ModuleList)
 
 
 def test_data_free_methods_refuse_data_switches(tiny_teacher_dir, tmp_path):

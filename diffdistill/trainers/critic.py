@@ -13,6 +13,11 @@ The score-matching weighting is a switch, because the official codes differ: ``"
 (``‖ε̂ − ε‖² = SNR·‖x̂0 − x0‖²``; DMD2's Stable Diffusion code), ``"karras"`` the EDM weighting
 ``(SNR + 1/σ_d²)·‖x̂0 − x0‖²`` (DMD2's ImageNet code and SiD), ``"snr_plus_one"`` the v-MSE.
 Training times are uniform over the whole schedule (both DMD2 codes).
+
+For a K-step student, ``per_step`` is a switch too. DMD2's code trains one critic on the outputs of all K
+steps, so the critic models their *mixture*, and each step's generator gradient corrects the mixture
+rather than that step's own distribution. With ``per_step`` the critic role holds K networks (a
+``ModuleList``), and critic k sees only step k's outputs and scores only step k's samples.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class CriticArgs:
     lora_alpha: float = option(8.0, min=0.0, help="LoRA scale numerator: the update is (alpha/rank)·BA")
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     weighting: Literal["snr", "karras", "snr_plus_one"] = "snr"
+    per_step: bool = option(False, help="K-step students: one critic per student step, each trained on that step's "
+                                        "outputs only (K times the critic's memory); off: one critic for all steps")
 
 
 def build_critic_network(teacher_network: nn.Module, args: CriticArgs, seed: int) -> nn.Module:

@@ -79,8 +79,8 @@ class DMD(ScoreDistillation):
         super().__init__(cfg, teacher)
         self.pairs = load_or_make_pairs(teacher, cfg.dmd) if cfg.dmd.regression_weight > 0 else None
 
-    def generator_terms(self, x, t, eps, cond, batch, generator):
-        terms = {"distribution_matching": dmd_loss(x, *self.score_predictions(x, t, eps, cond))}
+    def generator_terms(self, x, t, eps, cond, batch, generator, step=0):
+        terms = {"distribution_matching": dmd_loss(x, *self.score_predictions(x, t, eps, cond, step))}
         loss = terms["distribution_matching"]
         if self.pairs is not None:
             terms["regression"] = reg = self.regression(len(x), x.device, generator)

@@ -32,6 +32,6 @@ class DMD2(ScoreDistillation):
     name = "dmd2"
     config_class = DMD2Config
 
-    def generator_terms(self, x, t, eps, cond, batch, generator):
-        loss = dmd_loss(x, *self.score_predictions(x, t, eps, cond))
+    def generator_terms(self, x, t, eps, cond, batch, generator, step=0):
+        loss = dmd_loss(x, *self.score_predictions(x, t, eps, cond, step))
         return {"distribution_matching": loss, "loss": loss}

@@ -12,6 +12,9 @@ fresh noise. Each update trains one of its K steps, drawn uniformly. Its input a
 pure noise for i steps, without gradient, so training sees what inference sees) or ``"noised_data"``
 (noise real images to time ``t_i``, as DMD2's noisy-real baseline and FastGen's default). Conditions
 (class labels, prompt embeddings) come from the data batch.
+With ``critic.per_step`` each of the K steps has its own critic (:mod:`.critic`): an update draws its step
+once (:meth:`ScoreDistillation.draw_step`), and that step's critic (and, with ``gan.features=critic``, its
+features for the one shared head) is the only one it trains or queries.
 
 The generator update noises the sample to ``t`` uniform in ``[t_min_fraction, t_max_fraction]`` of the
 schedule (:meth:`~diffdistill.schedules.NoiseSchedule.time_at_fraction`; DMD's 0.02–0.98), asks the
@@ -81,7 +84,9 @@ class ScoreDistillation(Method):
             raise ConfigError(f"{self.name} is data-free: a GAN needs real images; set gan.enabled=false")
         network = teacher.network
         self.student = self.new_student(network)
-        self.critic = build_critic_network(network, cfg.critic, cfg.train.seed)
+        steps = cfg.generator.student_steps
+        self.critic = (nn.ModuleList(build_critic_network(network, cfg.critic, cfg.train.seed) for _ in range(steps))
+                       if cfg.critic.per_step and steps > 1 else build_critic_network(network, cfg.critic, cfg.train.seed))
         self.head: DiscriminatorHead | None = None
         if cfg.gan.enabled:
             device = next(network.parameters()).device
@@ -108,20 +113,26 @@ class ScoreDistillation(Method):
     def student_denoiser(self, network: nn.Module) -> Denoiser:
         return self.like_teacher(network)
 
-    def critic_denoiser(self) -> Denoiser:
-        return self.like_teacher(self.critic)
+    def critic_denoiser(self, step: int = 0) -> Denoiser:
+        """The critic of the student's step ``step`` (the one shared critic unless ``critic.per_step``)."""
+        return self.like_teacher(self.critic[step] if isinstance(self.critic, nn.ModuleList) else self.critic)
 
-    def gan_source(self) -> Denoiser:
+    def gan_source(self, step: int = 0) -> Denoiser:
         """Where the GAN head reads features (``gan.features``)."""
-        return self.critic_denoiser() if self.cfg.gan.features == "critic" else self.teacher.denoiser
+        return self.critic_denoiser(step) if self.cfg.gan.features == "critic" else self.teacher.denoiser
 
     # --- the student's samples -------------------------------------------------------------------
+    def draw_step(self, generator: torch.Generator) -> int:
+        """The student step (0 … K−1) one update trains, uniform."""
+        return int(torch.randint(len(self.timesteps), (), generator=generator))
+
     def sample_student(self, batch: tuple[torch.Tensor, Conditioning], generator: torch.Generator, *,
-                       grad: bool) -> tuple[torch.Tensor, Conditioning]:
-        """One student sample per batch element at a random one of its K steps (see module docstring)."""
+                       grad: bool, step: int | None = None) -> tuple[torch.Tensor, Conditioning]:
+        """One student sample per batch element at its step ``step`` (default: :meth:`draw_step`), see the
+        module docstring."""
         x_real, cond = batch
         student, ts = self.student_denoiser(self.student), self.timesteps
-        i = int(torch.randint(len(ts), (), generator=generator))
+        i = self.draw_step(generator) if step is None else step
         schedule = student.schedule
         if self.cfg.generator.student_inputs == "noised_data" and i > 0:
             eps = torch.randn(x_real.shape, generator=generator, dtype=x_real.dtype).to(x_real.device)
@@ -145,12 +156,13 @@ class ScoreDistillation(Method):
         return self.critic_terms(batch, generator) if phase == "critic" else self.generator_step(batch, generator)
 
     def critic_terms(self, batch, generator) -> dict[str, torch.Tensor]:
-        x, cond = self.sample_student(batch, generator, grad=False)
-        dsm = score_matching_loss(self.critic_denoiser(), x, cond, self.cfg.critic.weighting, generator)
+        step = self.draw_step(generator)
+        x, cond = self.sample_student(batch, generator, grad=False, step=step)
+        dsm = score_matching_loss(self.critic_denoiser(step), x, cond, self.cfg.critic.weighting, generator)
         terms = {"score_matching": dsm}
         loss = dsm
         if self.head is not None:
-            gan, source, (x_real, cond_real) = self.cfg.gan, self.gan_source(), batch
+            gan, source, (x_real, cond_real) = self.cfg.gan, self.gan_source(step), batch
             real = realism_logits(source, self.head, x_real, cond_real,
                                   *gan_noise(source.schedule, x_real, gan.max_time_fraction, generator))
             fake = realism_logits(source, self.head, x, cond,
@@ -172,30 +184,31 @@ class ScoreDistillation(Method):
         return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
 
     def generator_step(self, batch, generator) -> dict[str, torch.Tensor]:
-        x, cond = self.sample_student(batch, generator, grad=True)
+        step = self.draw_step(generator)
+        x, cond = self.sample_student(batch, generator, grad=True, step=step)
         t = self.matching_time(len(x), generator).to(x.device)
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        terms = self.generator_terms(x, t, eps, cond, batch, generator)
+        terms = self.generator_terms(x, t, eps, cond, batch, generator, step)
         loss = terms["loss"]
         if self.head is not None:
-            gan, source = self.cfg.gan, self.gan_source()
+            gan, source = self.cfg.gan, self.gan_source(step)
             fake = realism_logits(source, self.head, x, cond, *gan_noise(source.schedule, x, gan.max_time_fraction,
                                                                          generator))
             terms["gan_generator"] = g = generator_loss(fake)
             loss = loss + gan.generator_weight * g
         return {**{k: v.detach() for k, v in terms.items()}, "loss": loss}
 
-    def score_predictions(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: Conditioning, *,
-                          through: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x̂_real, x̂_fake)`` at ``x_t = a·x + s·ε``: the guided teacher's and the critic's x0. Without
-        gradient (DMD, VSD: their losses use them as constants), or with ``through=True`` keeping the graph
-        from both outputs back to ``x`` (SiD)."""
+    def score_predictions(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: Conditioning,
+                          step: int = 0, *, through: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x̂_real, x̂_fake)`` at ``x_t = a·x + s·ε``: the guided teacher's and step ``step``'s critic's x0.
+        Without gradient (DMD, VSD: their losses use them as constants), or with ``through=True`` keeping the
+        graph from both outputs back to ``x`` (SiD)."""
         x_t = self.teacher.denoiser.schedule.add_noise(x if through else x.detach(), eps, t)
         with torch.set_grad_enabled(through and torch.is_grad_enabled()):
-            return self.teacher.denoiser(x_t, t, cond), self.critic_denoiser()(x_t, t, cond, guidance_scale=1.0)
+            return self.teacher.denoiser(x_t, t, cond), self.critic_denoiser(step)(x_t, t, cond, guidance_scale=1.0)
 
     def generator_terms(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: Conditioning,
-                        batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """The method's generator loss terms for student samples ``x`` (with graph) noised at ``t`` with
-        ``eps``; ``"loss"`` is back-propagated."""
+                        batch, generator: torch.Generator, step: int = 0) -> dict[str, torch.Tensor]:
+        """The method's generator loss terms for student samples ``x`` (with graph) made at the student's step
+        ``step``, noised at ``t`` with ``eps``; ``"loss"`` is back-propagated."""
         raise NotImplementedError

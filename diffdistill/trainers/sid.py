@@ -36,6 +36,6 @@ class SiD(ScoreDistillation):
     config_class = SiDConfig
     uses_data = False
 
-    def generator_terms(self, x, t, eps, cond, batch, generator):
-        loss = sid_loss(x, *self.score_predictions(x, t, eps, cond, through=True), self.cfg.sid.alpha)
+    def generator_terms(self, x, t, eps, cond, batch, generator, step=0):
+        loss = sid_loss(x, *self.score_predictions(x, t, eps, cond, step, through=True), self.cfg.sid.alpha)
         return {"score_identity": loss, "loss": loss}

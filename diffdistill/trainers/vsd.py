@@ -36,7 +36,7 @@ class VSD(ScoreDistillation):
     config_class = VSDConfig
     uses_data = False
 
-    def generator_terms(self, x, t, eps, cond, batch, generator):
+    def generator_terms(self, x, t, eps, cond, batch, generator, step=0):
         a, s = (per_sample(c, x) for c in self.teacher.denoiser.schedule.alpha_sigma(t))
-        loss = vsd_loss(x, *self.score_predictions(x, t, eps, cond), a, s, self.cfg.vsd.weighting)
+        loss = vsd_loss(x, *self.score_predictions(x, t, eps, cond, step), a, s, self.cfg.vsd.weighting)
         return {"variational_score": loss, "loss": loss}
