@@ -84,9 +84,9 @@ class ScoreDistillation(Method):
             raise ConfigError(f"{self.name} is data-free: a GAN needs real images; set gan.enabled=false")
         network = teacher.network
         self.student = self.new_student(network)
-        steps = cfg.generator.student_steps
-        self.critic = (nn.ModuleList(build_critic_network(network, cfg.critic, cfg.train.seed) for _ in range(steps))
-                       if cfg.critic.per_step and steps > 1 else build_critic_network(network, cfg.critic, cfg.train.seed))
+        critics = [build_critic_network(network, cfg.critic, cfg.train.seed)
+                   for _ in range(cfg.generator.student_steps if cfg.critic.per_step else 1)]
+        self.critic = nn.ModuleList(critics) if len(critics) > 1 else critics[0]
         self.head: DiscriminatorHead | None = None
         if cfg.gan.enabled:
             device = next(network.parameters()).device
