@@ -44,6 +44,7 @@ CASES = [
               "generator.student_inputs=noised_data"]),
     ("dmd2", ["critic.updates=1", "gan.penalty=approx_r1", "generator.student_steps=4", "critic.kind=lora"]),
     ("dmd2", ["critic.updates=2", "generator.student_steps=2", "critic.per_step=true"]),
+    ("dmd2", ["critic.updates=2", "generator.student_steps=2", "critic.step_embedding=true", "critic.kind=lora"]),
     ("vsd", []),
     ("sid", []),
 ]
@@ -99,12 +100,12 @@ def test_lora_critic_trains_adapters_only_and_is_checkpointed_without_the_teache
         assert torch.equal(p, q), n
 
 
-@pytest.mark.parametrize("per_step", ["false", "true"])
-def test_score_distillation_resume_is_bit_identical(per_step, tiny_teacher_dir, tmp_path):
+@pytest.mark.parametrize("critic_switch", ["critic.per_step=false", "critic.per_step=true", "critic.step_embedding=true"])
+def test_score_distillation_resume_is_bit_identical(critic_switch, tiny_teacher_dir, tmp_path):
     from diffdistill.trainers.loop import distill
 
     extra = ["train.max_steps=4", "train.checkpoint_every=2", "critic.updates=2", "generator.student_steps=2",
-             f"critic.per_step={per_step}"]
+             critic_switch]
     straight = Trainer(tiny("dmd2", tiny_teacher_dir, *extra), tmp_path / "a", progress=False)
     straight.run()
     distill(tiny("dmd2", tiny_teacher_dir, *extra), tmp_path / "b", max_steps=2, progress=False)
@@ -145,6 +146,57 @@ def test_per_step_critics_each_see_only_their_own_step(kind, tmp_path, monkeypat
         one = Trainer(load_distill_config(str(REPO / "configs/toy/dmd2.yaml"), [*base, *extra]), tmp_path / "one",
                       progress=False).method
         assert not isinstance(one.critic, torch.nn.ModuleList)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_step_embedded_critic_starts_as_one_critic_and_learns_per_step(kind, tiny_teacher_dir, tmp_path, monkeypatch):
+    """``critic.step_embedding``: one critic network, told the step through a zero-initialised projection of
+    the step's one-hot code into its time embedding. At initialisation every step's critic is the plain one;
+    an update that trains step k moves only column k of that projection (and the critic's other weights)."""
+    extra = ["critic.updates=1", "generator.student_steps=4", f"critic.kind={kind}", "gan.enabled=true",
+             "gan.features=critic", "student.lora_rank=0"]
+    m = Trainer(tiny("dmd2", tiny_teacher_dir, *extra, "critic.step_embedding=true"), tmp_path / "a",
+                progress=False)
+    plain = Trainer(tiny("dmd2", tiny_teacher_dir, *extra), tmp_path / "b", progress=False).method
+    trainer, m = m, m.method
+    proj = m.critic.time_embedding.cond_proj
+    assert proj.weight.shape[1] == 4 and proj.weight.requires_grad and not proj.weight.any()
+    assert m.teacher.denoiser.network.time_embedding.cond_proj is None
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = m.teacher.cycled_conditioning(3, None)
+    t = torch.tensor([100.0, 500.0, 900.0], dtype=torch.float64)
+    with torch.no_grad():
+        reference = plain.critic_denoiser()(x, t, cond)
+        for k in range(4):
+            torch.testing.assert_close(m.critic_denoiser(k)(x, t, cond), reference)
+            torch.testing.assert_close(m.gan_source(k).features(x, t, cond), plain.gan_source().features(x, t, cond))
+    monkeypatch.setattr(m, "draw_step", lambda generator: 2)
+    terms = trainer.train_step()
+    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+    moved = proj.weight.detach().abs().sum(0)
+    assert moved[2] > 0 and not moved[[0, 1, 3]].any()
+    with torch.no_grad():
+        assert not torch.equal(m.critic_denoiser(2)(x, t, cond), m.critic_denoiser(0)(x, t, cond))
+
+
+def test_step_embedding_refusals(tiny_teacher_dir, tmp_path, monkeypatch):
+    from diffdistill import toy
+    from diffdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="two alternatives"):
+        tiny("dmd2", tiny_teacher_dir, "generator.student_steps=2", "critic.per_step=true", "critic.step_embedding=true")
+    monkeypatch.setattr(toy, "FIT_STEPS", 5)
+    cfg = load_distill_config(str(REPO / "configs/toy/dmd2.yaml"), ["generator.student_steps=2",
+                                                                    "critic.step_embedding=true"])
+    with pytest.raises(ConfigError, match="time embedding.*critic.per_step"):
+        Trainer(cfg, tmp_path / "toy", progress=False)
+    from diffdistill.adapters import add_time_condition
+    from diffdistill.trainers.critic import add_step_input
+
+    lcm_like = Trainer(tiny("dmd2", tiny_teacher_dir), tmp_path / "lcm", progress=False).method.critic
+    add_time_condition(lcm_like, 16)
+    with pytest.raises(ConfigError, match="already takes a condition"):
+        add_step_input(lcm_like, 4)
 
 
 def test_data_free_methods_refuse_data_switches(tiny_teacher_dir, tmp_path):

@@ -17,12 +17,16 @@ Training times are uniform over the whole schedule (both DMD2 codes).
 For a K-step student, ``per_step`` is a switch too. DMD2's code trains one critic on the outputs of all K
 steps, so the critic models their *mixture*, and each step's generator gradient corrects the mixture
 rather than that step's own distribution. With ``per_step`` the critic role holds K networks (a
-``ModuleList``), and critic k sees only step k's outputs and scores only step k's samples.
+``ModuleList``), and critic k sees only step k's outputs and scores only step k's samples. The cheaper
+third form, ``step_embedding``, keeps one critic but tells it which step made its input: the step's one-hot
+code enters the network's time embedding through a zero-initialised projection (the input LCM uses for its
+guidance scale), so the critic starts as the teacher, learns from every step's samples, and can still fit
+each step's own distribution (:class:`StepConditionedCritic`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -30,6 +34,7 @@ from torch import nn
 
 from ..config import option
 from ..denoiser import Conditioning, Denoiser
+from ..errors import ConfigError
 from ..samplers.base import per_sample
 from .lora import LORA_TARGETS, add_lora, trainable_copy
 
@@ -42,6 +47,12 @@ class CriticArgs:
     weighting: Literal["snr", "karras", "snr_plus_one"] = "snr"
     per_step: bool = option(False, help="K-step students: one critic per student step, each trained on that step's "
                                         "outputs only (K times the critic's memory); off: one critic for all steps")
+    step_embedding: bool = option(False, help="K-step students: the one critic is told the student step that "
+                                              "made its input (a learned code in its time embedding)")
+
+    def validate(self) -> None:
+        if self.per_step and self.step_embedding:
+            raise ValueError("critic.per_step and critic.step_embedding are two alternatives; set one")
 
 
 def build_critic_network(teacher_network: nn.Module, args: CriticArgs, seed: int) -> nn.Module:
@@ -50,6 +61,38 @@ def build_critic_network(teacher_network: nn.Module, args: CriticArgs, seed: int
     if args.kind == "full":
         return trainable_copy(teacher_network)
     return add_lora(teacher_network, args.lora_rank, args.lora_alpha, args.lora_targets, "critic", seed + 1)
+
+
+def add_step_input(network: nn.Module, steps: int) -> None:
+    """Give the critic ``network`` the zero-initialised step input :class:`StepConditionedCritic` feeds."""
+    from ..adapters import add_time_condition
+
+    if not hasattr(network, "time_embedding"):
+        raise ConfigError(f"critic.step_embedding needs a network with a diffusers time embedding (UNet2DModel, "
+                          f"UNet2DConditionModel); {type(network).__name__} has none: use critic.per_step")
+    if getattr(network.time_embedding, "cond_proj", None) is not None:
+        raise ConfigError("critic.step_embedding: this teacher's time embedding already takes a condition "
+                          "(time_cond_proj_dim, e.g. an LCM UNet); use critic.per_step")
+    add_time_condition(network, steps)
+
+
+class StepConditionedCritic(Denoiser):
+    """The shared critic ``inner`` as the critic of student step ``step`` of ``steps``: every call passes
+    the step's one-hot code as ``cond.timestep_cond``, which reaches the time embedding through the
+    projection :func:`add_step_input` added (zero at initialisation, so every step starts at ``inner``)."""
+
+    def __init__(self, inner: Denoiser, step: int, steps: int):
+        super().__init__(inner.network, inner.schedule, inner.prediction_type, timestep_scale=inner.timestep_scale)
+        self.inner = inner
+        self.code = torch.nn.functional.one_hot(torch.tensor(step), steps).to(torch.float64)
+
+    @property
+    def feature_module(self) -> nn.Module | None:
+        return self.inner.feature_module
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        code = self.code.to(x_t.device).expand(len(x_t), -1)
+        return self.inner.predict(x_t, t, replace(cond, timestep_cond=code))
 
 
 def score_matching_weight(denoiser: Denoiser, t: torch.Tensor, weighting: str, sigma_data: float = 0.5

@@ -14,7 +14,8 @@ pure noise for i steps, without gradient, so training sees what inference sees) 
 (class labels, prompt embeddings) come from the data batch.
 With ``critic.per_step`` each of the K steps has its own critic (:mod:`.critic`): an update draws its step
 once (:meth:`ScoreDistillation.draw_step`), and that step's critic (and, with ``gan.features=critic``, its
-features for the one shared head) is the only one it trains or queries.
+features for the one shared head) is the only one it trains or queries; with ``critic.step_embedding`` the
+one critic is queried and trained as step i's (:class:`~.critic.StepConditionedCritic`).
 
 The generator update noises the sample to ``t`` uniform in ``[t_min_fraction, t_max_fraction]`` of the
 schedule (:meth:`~diffdistill.schedules.NoiseSchedule.time_at_fraction`; DMD's 0.02–0.98), asks the
@@ -33,7 +34,7 @@ from torch import nn
 from ..config import option
 from ..denoiser import Conditioning, Denoiser
 from ..samplers.base import renoise
-from .critic import CriticArgs, build_critic_network, score_matching_loss
+from .critic import CriticArgs, StepConditionedCritic, add_step_input, build_critic_network, score_matching_loss
 from .gan import (DiscriminatorHead, GANArgs, approx_r1_penalty, discriminator_loss, gan_noise, generator_loss,
                   r1_penalty, realism_logits)
 from .method import DistillConfig, Method, OptimConfig, Phase
@@ -87,6 +88,8 @@ class ScoreDistillation(Method):
         critics = [build_critic_network(network, cfg.critic, cfg.train.seed)
                    for _ in range(cfg.generator.student_steps if cfg.critic.per_step else 1)]
         self.critic = nn.ModuleList(critics) if len(critics) > 1 else critics[0]
+        if cfg.critic.step_embedding:
+            add_step_input(self.critic, cfg.generator.student_steps)
         self.head: DiscriminatorHead | None = None
         if cfg.gan.enabled:
             device = next(network.parameters()).device
@@ -114,8 +117,14 @@ class ScoreDistillation(Method):
         return self.like_teacher(network)
 
     def critic_denoiser(self, step: int = 0) -> Denoiser:
-        """The critic of the student's step ``step`` (the one shared critic unless ``critic.per_step``)."""
-        return self.like_teacher(self.critic[step] if isinstance(self.critic, nn.ModuleList) else self.critic)
+        """The critic of the student's step ``step``: the one shared critic, step ``step``'s own
+        (``critic.per_step``) or the shared one told the step (``critic.step_embedding``)."""
+        if isinstance(self.critic, nn.ModuleList):
+            return self.like_teacher(self.critic[step])
+        critic = self.like_teacher(self.critic)
+        if self.cfg.critic.step_embedding:
+            return StepConditionedCritic(critic, step, self.cfg.generator.student_steps)
+        return critic
 
     def gan_source(self, step: int = 0) -> Denoiser:
         """Where the GAN head reads features (``gan.features``)."""
