@@ -155,10 +155,10 @@ def test_step_embedded_critic_starts_as_one_critic_and_learns_per_step(kind, tin
     an update that trains step k moves only column k of that projection (and the critic's other weights)."""
     extra = ["critic.updates=1", "generator.student_steps=4", f"critic.kind={kind}", "gan.enabled=true",
              "gan.features=critic", "student.lora_rank=0"]
-    m = Trainer(tiny("dmd2", tiny_teacher_dir, *extra, "critic.step_embedding=true"), tmp_path / "a",
-                progress=False)
+    trainer = Trainer(tiny("dmd2", tiny_teacher_dir, *extra, "critic.step_embedding=true"), tmp_path / "a",
+                      progress=False)
     plain = Trainer(tiny("dmd2", tiny_teacher_dir, *extra), tmp_path / "b", progress=False).method
-    trainer, m = m, m.method
+    m = trainer.method
     proj = m.critic.time_embedding.cond_proj
     assert proj.weight.shape[1] == 4 and proj.weight.requires_grad and not proj.weight.any()
     assert m.teacher.denoiser.network.time_embedding.cond_proj is None
@@ -181,7 +181,9 @@ def test_step_embedded_critic_starts_as_one_critic_and_learns_per_step(kind, tin
 
 def test_step_embedding_refusals(tiny_teacher_dir, tmp_path, monkeypatch):
     from diffdistill import toy
+    from diffdistill.adapters import add_time_condition
     from diffdistill.errors import ConfigError
+    from diffdistill.trainers.critic import add_step_input
 
     with pytest.raises(ConfigError, match="two alternatives"):
         tiny("dmd2", tiny_teacher_dir, "generator.student_steps=2", "critic.per_step=true", "critic.step_embedding=true")
@@ -190,9 +192,6 @@ def test_step_embedding_refusals(tiny_teacher_dir, tmp_path, monkeypatch):
                                                                     "critic.step_embedding=true"])
     with pytest.raises(ConfigError, match="time embedding.*critic.per_step"):
         Trainer(cfg, tmp_path / "toy", progress=False)
-    from diffdistill.adapters import add_time_condition
-    from diffdistill.trainers.critic import add_step_input
-
     lcm_like = Trainer(tiny("dmd2", tiny_teacher_dir), tmp_path / "lcm", progress=False).method.critic
     add_time_condition(lcm_like, 16)
     with pytest.raises(ConfigError, match="already takes a condition"):
