@@ -25,8 +25,9 @@ it, 1.46-1.47x (README, "Analytic Gaussian mixture").
 ``--regression-reference`` adds a third: the student's network, started from the same fitted MLP, trained
 by plain regression (MSE) onto pairs of noise and the exact teacher's 100-step Heun ODE sample from it
 (400 000 pairs, 20 000 Adam steps, about 6 min on one core), then sampled in one step like a student.
-It asks whether the network class can represent the one-step map at all; on ring8 it scores 0.96x the
-exact ODE (README), so the distribution-matching students' gap is their training signal, not capacity.
+It asks whether the network class can represent the one-step map at all. On ring8 the same procedure, run
+by a script outside the bench with other seeds, scored 0.96x the exact ODE (README), so the
+distribution-matching students' gap comes from their training signal, not from capacity.
 """
 
 from __future__ import annotations
