@@ -46,8 +46,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from diffdistill.eval.sliced_wasserstein import sliced_wasserstein2  # noqa: E402
-from diffdistill.samplers import generate, get_sampler, sampling_grid  # noqa: E402
+from diffdistill.samplers import generate  # noqa: E402
 from diffdistill.toy import fit_toy_network, mixture  # noqa: E402
+from diffdistill.trainers.dmd import make_pairs  # noqa: E402
 from diffdistill.trainers.loop import Trainer  # noqa: E402
 from diffdistill.trainers.method import load_distill_config  # noqa: E402
 
@@ -65,16 +66,13 @@ def modes(x: torch.Tensor, mix) -> tuple[float, int]:
     return float(near.double().mean()), int(counts.min())
 
 
-def regression_reference(method, dim: int, steps: int = 20000, pairs: int = 400000, seed: int = 0):
+def regression_reference(method, steps: int = 20000, pairs: int = 400000, seed: int = 0):
     """A copy of the students' starting network fitted by MSE onto (noise, exact 100-step Heun ODE sample)
-    pairs at the student's one time step; returned as a student denoiser."""
-    teacher = method.teacher.denoiser
+    pairs (DMD's :func:`~diffdistill.trainers.dmd.make_pairs`) at the student's one time step; returned as
+    a student denoiser."""
+    data = make_pairs(method.teacher, pairs, "heun", 100, seed)
+    noise, target = data["noise"], data["images"]
     gen = torch.Generator().manual_seed(seed)
-    noise = teacher.schedule.prior_sample((pairs, dim), generator=gen)
-    heun, grid = get_sampler("heun"), sampling_grid(teacher, sampler="heun", num_steps=100)
-    with torch.no_grad():
-        target = torch.cat([heun(teacher, noise[i:i + 4096], grid, None, guidance_scale=None, generator=None,
-                                 progress=False).float() for i in range(0, pairs, 4096)])
     network = copy.deepcopy(method.teacher.network).float().train().requires_grad_(True)
     student, t = method.student_denoiser(network), method.student_timesteps(1)[0]
     opt = torch.optim.Adam(network.parameters(), lr=5e-4)
@@ -133,7 +131,7 @@ def main() -> None:
                   f"{fitted_row[0]:.4f}; exact samples {floor:.4f}", flush=True)
             regressed_row = None
             if args.regression_reference:
-                regressed = regression_reference(m, mix.dim, steps=args.regression_steps)
+                regressed = regression_reference(m, steps=args.regression_steps)
                 regressed_row = scored(lambda s: generate(regressed, (mix.dim,), args.num, sampler=m.student_sampler,
                                                           timesteps=m.student_timesteps(1), seed=s))
                 print(f"regressed onto exact ODE pairs, 1 step: SW2 {regressed_row[0]:.4f}", flush=True)
