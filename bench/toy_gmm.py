@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import statistics
 import sys
 import time
@@ -49,8 +48,8 @@ from diffdistill.eval.sliced_wasserstein import sliced_wasserstein2  # noqa: E40
 from diffdistill.samplers import generate  # noqa: E402
 from diffdistill.toy import fit_toy_network, mixture  # noqa: E402
 from diffdistill.trainers.dmd import make_pairs  # noqa: E402
-from diffdistill.trainers.loop import Trainer  # noqa: E402
-from diffdistill.trainers.method import load_distill_config  # noqa: E402
+from diffdistill.trainers.loop import Trainer, lr_factor  # noqa: E402
+from diffdistill.trainers.method import OptimConfig, load_distill_config  # noqa: E402
 
 
 def sw2(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -76,7 +75,7 @@ def regression_reference(method, steps: int = 20000, pairs: int = 400000, seed: 
     network = copy.deepcopy(method.teacher.network).float().train().requires_grad_(True)
     student, t = method.student_denoiser(network), method.student_timesteps(1)[0]
     opt = torch.optim.Adam(network.parameters(), lr=5e-4)
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(OptimConfig(schedule="cosine"), steps))
     for _ in range(steps):
         idx = torch.randint(0, pairs, (512,), generator=gen)
         loss = ((student(noise[idx], t) - target[idx]) ** 2).mean()
