@@ -215,6 +215,7 @@ def _step_counts(text: str) -> list[int]:
 def cmd_eval(args: argparse.Namespace) -> None:
     """Score a run's student beside its teacher (or any model) with FID, KID and precision/recall."""
     from .data import DataConfig
+    from .denoiser import standard_guidance_scale
     from .eval.evaluate import METRICS_FILE, EvalOptions
     from .eval.jobs import SWEEP_FILE, evaluate_model, evaluate_run, sweep_checkpoints
     from .processes import current_processes
@@ -234,6 +235,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         common["prompts"] = read_prompts(args.prompts)
         common["clip"] = ClipScorer.from_pretrained(args.clip_model, args.clip_pretrained, device=opts.device)
     if args.model:
+        if args.guidance_scale is not None:
+            raise ConfigError("eval --guidance-scale applies to --run (teacher and LCM-style student together)")
         if not args.output:
             raise ConfigError("eval --model needs --output DIR for metrics.json")
         data = DataConfig(dataset="folder", path=args.data_path, resolution=args.resolution,
@@ -248,12 +251,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     kwargs = dict(teacher_sampler=args.sampler, teacher_spacing=args.spacing, ema=not args.no_ema,
                   output=args.output, **common)
     if args.all_checkpoints:
+        if args.guidance_scale is not None:
+            raise ConfigError("--guidance-scale does not take --all-checkpoints yet; evaluate checkpoints one by one")
         if args.prompts:
             raise ConfigError("--all-checkpoints does not take --prompts yet; evaluate checkpoints one by one")
         table = sweep_checkpoints(args.run, args.steps, teacher_steps, opts, **kwargs)
         say(f"best checkpoint per step count: {table['best']} -> {Path(args.output or args.run) / SWEEP_FILE}")
         return
-    metrics = evaluate_run(args.run, args.steps, teacher_steps, opts, checkpoint=args.checkpoint, **kwargs)
+    w = None if args.guidance_scale is None else standard_guidance_scale(args.guidance_scale, args.guidance_convention)
+    metrics = evaluate_run(args.run, args.steps, teacher_steps, opts, checkpoint=args.checkpoint,
+                           guidance_scale=w, **kwargs)
     lines = [f"{who} FID: " + ", ".join(f"{n} step(s) {v:.4f}" for n, v in metrics[who]["fid"].items())
              for who in ("student", "teacher") if who in metrics]
     say("\n".join(lines) + f"\n-> {Path(args.output or args.run) / METRICS_FILE}")
@@ -283,6 +290,11 @@ def _eval_parser(sub) -> None:
     p.add_argument("--checkpoint", help="evaluate this checkpoint (e.g. step_0000400) instead of the newest")
     p.add_argument("--all-checkpoints", action="store_true", help="sweep every checkpoint into one table")
     p.add_argument("--no-ema", action="store_true", help="the raw student weights instead of the first EMA copy")
+    p.add_argument("--guidance-scale", type=float,
+                   help="--run: the teacher's CFG scale and the scale a guidance-embedded (lcm) student samples at "
+                        "(default: the run's; other students sample as trained)")
+    p.add_argument("--guidance-convention", choices=["standard", "delta"], default="standard",
+                   help="standard: x_u + w(x_c - x_u); delta: x_c + w(x_c - x_u) (LCM's)")
     p.add_argument("--torchmetrics-check", action="store_true", help="also compute FID with torchmetrics")
     p.add_argument("--prompts", help="text-conditioned models: a file with one prompt per line (cycled over "
                                      "the samples); adds the CLIP score")

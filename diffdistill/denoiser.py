@@ -94,6 +94,8 @@ class Denoiser(nn.Module):
 
     #: submodule whose output :meth:`denoise_with_features` returns (the bottleneck), or None
     feature_module: nn.Module | None = None
+    #: True where ``guidance_scale`` is a network input (LCM's embedded ``w``), not classifier-free guidance
+    embeds_guidance: bool = False
 
     def __init__(self, network: nn.Module | None, schedule: NoiseSchedule, prediction_type: str,
                  guidance_scale: float = 1.0, timestep_scale: float = 1.0):

@@ -334,3 +334,43 @@ def test_reference_cache_key_follows_the_feature_network_weights(tmp_path):
     first, second = (DigitsFeatures(tmp_path / n / "clf.safetensors") for n in ("a", "b"))
     assert first.name == second.name  # same file name ...
     assert reference_path(DataConfig(), "train", first) != reference_path(DataConfig(), "train", second)  # ... other key
+
+
+def test_eval_guidance_scale_sets_teacher_cfg_and_lcm_student_scale(tiny_run, tmp_path):
+    """`--guidance-scale w`: the teacher samples with CFG at w (= sampling it by hand at w), an LCM student
+    samples at w (the config's own scale reproduces the default), and other students sample as trained."""
+    from diffdistill.denoiser import Conditioning
+    from diffdistill.pretrained import load_pretrained
+    from diffdistill.samplers import generate
+
+    lcm = tmp_path / "lcm"
+    assert main(["distill", "--config", str(REPO / "configs/digits/lcm.yaml"), "--output", str(lcm), "--max-steps",
+                 "2", "--quiet", "train.batch_size=4", "train.sample_every=0", "lcm.num_scales=4"]) == 0
+    fid = {}
+    for name, extra in {"default": [], "w1.5": ["--guidance-scale", "1.5"],
+                        "delta": ["--guidance-scale", "0.5", "--guidance-convention", "delta"]}.items():
+        out = tmp_path / name
+        assert main(["eval", "--run", str(lcm), "--steps", "1", "--teacher-steps", "1", "--num", "140", "--quiet",
+                     "--output", str(out), *extra]) == 0
+        fid[name] = json.loads((out / "metrics.json").read_text())
+    assert fid["default"]["student"]["guidance_scale"] == 1.5 and "guidance_scale" not in fid["default"]["teacher"]
+    assert fid["w1.5"]["student"]["fid"] == fid["default"]["student"]["fid"]  # the config samples at w = 1.5
+    assert fid["delta"]["student"]["guidance_scale"] == 1.5 == fid["delta"]["teacher"]["guidance_scale"]
+    assert fid["delta"]["student"]["fid"] == fid["w1.5"]["student"]["fid"]
+    assert fid["delta"]["teacher"]["fid"] == fid["w1.5"]["teacher"]["fid"] != fid["default"]["teacher"]["fid"]
+    teacher = load_pretrained()
+    images = generate(teacher.denoiser, teacher.sample_shape, 140, sampler="ddim", num_steps=1, spacing="trailing",
+                      cond=Conditioning(class_labels=torch.arange(140) % 10), guidance_scale=1.5, seed=0)
+    quantised = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # noqa: E731
+    model = DigitsFeatures().model
+    gen_f = model.features(quantised(images)).double().numpy()
+    ref_f = model.features(quantised(load_digits("train", 16)[0])).double().numpy()
+    assert fid["w1.5"]["teacher"]["fid"]["1"] == pytest.approx(independent_frechet(gen_f, ref_f), rel=1e-4)
+    # a student that does not embed the scale samples as trained; only its teacher changes
+    plain = []
+    for i, extra in enumerate([[], ["--guidance-scale", "3"]]):
+        assert main(["eval", "--run", str(tiny_run), "--steps", "1", "--teacher-steps", "0", "--num", "140",
+                     "--quiet", "--output", str(tmp_path / f"c{i}"), *extra]) == 0
+        plain.append(json.loads((tmp_path / f"c{i}" / "metrics.json").read_text())["student"])
+    assert plain[0]["fid"] == plain[1]["fid"] and "guidance_scale" not in plain[1]
+    assert main(["eval", "--run", str(tiny_run), "--all-checkpoints", "--guidance-scale", "2", "--quiet"]) == 2

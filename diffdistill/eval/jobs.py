@@ -48,27 +48,38 @@ def teacher_candidate(teacher: Pretrained, steps: Sequence[int], sampler: str, s
     return Candidate(label, teacher.denoiser, sampler, list(steps), spacing=spacing, info=info)
 
 
-def student_candidate(run, steps: Sequence[int], ema: bool) -> Candidate:
-    """The loaded checkpoint's student (EMA or raw weights) with its own sampler and timesteps."""
+def student_candidate(run, steps: Sequence[int], ema: bool, guidance_scale: float | None = None) -> Candidate:
+    """The loaded checkpoint's student (EMA or raw weights) with its own sampler and timesteps. A
+    ``guidance_scale`` (standard ``w``) is given only to a student that takes it as an input (LCM's)."""
     network, weights = run.student_network(ema)
-    return Candidate("student", run.method.student_denoiser(network), run.method.student_sampler, list(steps),
-                     timesteps=run.method.student_timesteps,
-                     info={"method": run.cfg.method, "checkpoint": run.checkpoint.name, "weights": weights})
+    denoiser = run.method.student_denoiser(network)
+    info = {"method": run.cfg.method, "checkpoint": run.checkpoint.name, "weights": weights}
+    if guidance_scale is not None and denoiser.embeds_guidance:
+        denoiser.guidance_scale = float(guidance_scale)
+    if denoiser.embeds_guidance:
+        info["guidance_scale"] = denoiser.guidance_scale
+    return Candidate("student", denoiser, run.method.student_sampler, list(steps),
+                     timesteps=run.method.student_timesteps, info=info)
 
 
 def evaluate_run(run_dir: str | Path, steps: Sequence[int], teacher_steps: Sequence[int], opts: EvalOptions, *,
                  teacher_sampler: str = "ddim", teacher_spacing: str | None = None, ema: bool = True,
                  checkpoint: str | None = None, features: str | None = None, feature_weights: str | None = None,
                  split: str = "train", refresh_reference: bool = False, output: str | Path | None = None,
-                 prompts: Sequence[str] | None = None, clip: ClipScorer | None = None) -> dict:
+                 prompts: Sequence[str] | None = None, clip: ClipScorer | None = None,
+                 guidance_scale: float | None = None) -> dict:
     """The run's student (EMA weights by default) at ``steps`` and its teacher at ``teacher_steps``, in one
-    process against one reference; writes ``metrics.json`` into ``output`` (default: the run directory)."""
+    process against one reference; writes ``metrics.json`` into ``output`` (default: the run directory).
+    ``guidance_scale`` (standard ``w``) sets the teacher's CFG scale and, for a student that embeds the
+    scale (LCM), the scale it samples at, so that both are scored at the same guidance."""
     from ..trainers.saved_run import SavedRun
 
     run = SavedRun(run_dir, checkpoint, device=opts.device)
     teacher = run.method.teacher
+    if guidance_scale is not None:
+        teacher.denoiser.guidance_scale = float(guidance_scale)
     extractor, reference = _prepare(run.cfg.data, teacher, features, feature_weights, opts, split, refresh_reference)
-    candidates = [student_candidate(run, steps, ema)]
+    candidates = [student_candidate(run, steps, ema, guidance_scale)]
     if teacher_steps:
         candidates.append(teacher_candidate(teacher, teacher_steps, teacher_sampler, teacher_spacing))
     extra = {"run": str(run.run_dir), "teacher_source": run.cfg.teacher or "shipped digits teacher", "train_step": run.step}

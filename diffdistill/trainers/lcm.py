@@ -40,6 +40,8 @@ class GuidanceEmbeddedStudent(Denoiser):
     """A student whose ``guidance_scale`` (standard ``w``) is an input: ``forward`` embeds ``w − 1`` as
     ``cond.timestep_cond`` and runs ``inner`` once, unguided. ``guidance_scale`` defaults to ``default_scale``."""
 
+    embeds_guidance = True
+
     def __init__(self, inner: Denoiser, embedding_dim: int, default_scale: float):
         super().__init__(None, inner.schedule, "x0", guidance_scale=default_scale)
         self.inner, self.embedding_dim = inner, embedding_dim
