@@ -60,6 +60,17 @@ class Pretrained:
         """The network students and critics are copied from."""
         return self.init_network if self.init_network is not None else self.denoiser.network
 
+    def residual_critic_network(self) -> nn.Module:
+        """An analytic teacher's exact denoiser plus a zero learned correction (``critic.start: exact_residual``)."""
+        if "analytic" not in self.meta:
+            from .errors import ConfigError
+
+            raise ConfigError(f"critic.start=exact_residual needs an analytic teacher (analytic:NAME), not {self.path}; "
+                              "a critic copied from a real teacher already starts as that teacher")
+        from .toy import residual_critic_network
+
+        return residual_critic_network(self.meta["analytic"])
+
     @property
     def num_classes(self) -> int:
         """Classes the teacher is conditioned on: ``diffdistill.json``, else DiT's label count, else 0."""

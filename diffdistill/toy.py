@@ -21,7 +21,7 @@ from torch import nn
 from .adapters import DiffusersDenoiser, register_adapter
 from .analytic import GaussianMixture, GaussianMixtureDenoiser
 from .errors import ModelLoadError
-from .schedules import VPSchedule
+from .schedules import VPSchedule, convert_prediction
 
 #: named mixtures (2-D) a run can use as ``teacher: analytic:NAME`` and ``data.mixture: NAME``
 MIXTURES = {
@@ -75,6 +75,46 @@ class ToyMLPDenoiser(DiffusersDenoiser):
         return self.network(x, tt)
 
 
+class ResidualToyMLP(ModelMixin, ConfigMixin):
+    """``(x_t, t) → v``: the exact v of mixture ``mixture`` plus a learned :class:`ToyMLP` correction whose
+    head starts at zero, so the network starts as the analytic teacher itself (``critic.start:
+    exact_residual``). Only the correction has parameters; the exact part is float64 maths."""
+
+    @register_to_config
+    def __init__(self, mixture: str = "ring8", dim: int = 2, hidden: int = 128, depth: int = 3,
+                 time_features: int = 16, num_train_timesteps: int = 1000, prediction_type: str = "v"):
+        super().__init__()
+        self.correction = ToyMLP(dim, hidden, depth, time_features, num_train_timesteps, "v")
+        nn.init.zeros_(self.correction.head.weight)
+        nn.init.zeros_(self.correction.head.bias)
+        self.mixture = MIXTURES[mixture]()
+        self.schedule = VPSchedule.from_scheduler_config(TOY_SCHEDULER_CONFIG)
+
+    @classmethod
+    def from_fitted(cls, name: str, fitted: ToyMLP) -> "ResidualToyMLP":
+        """The residual network whose correction trunk is ``fitted``'s (head zeroed): no random draws."""
+        c = fitted.config
+        net = cls(name, c.dim, c.hidden, c.depth, c.time_features, c.num_train_timesteps)
+        net.correction.trunk.load_state_dict(fitted.trunk.state_dict())
+        return net
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        a, s = self.schedule.alpha_sigma(timestep.double().cpu())
+        a, s = a.to(x.device), s.to(x.device)
+        x0 = self.mixture.posterior_mean(x, a, s)
+        exact_v = convert_prediction(x0, "x0", "v", x.double(), a[:, None], s[:, None])
+        return exact_v.to(x.dtype) + self.correction(x, timestep)
+
+
+@register_adapter("ResidualToyMLP")
+class ResidualToyMLPDenoiser(ToyMLPDenoiser):
+    """:class:`ResidualToyMLP` as a denoiser; features: its correction's trunk."""
+
+    @property
+    def feature_module(self) -> nn.Module:
+        return self.network.correction.trunk
+
+
 #: the size of the MLP students and critics start from
 NETWORK = {"hidden": 256, "depth": 4}
 #: optimizer steps of :func:`fit_toy_network` when a run loads ``analytic:NAME`` (about 2.5 min on one core).
@@ -112,6 +152,12 @@ def _fit_toy_network(name: str, steps: int, batch_size: int, seed: int) -> ToyML
         opt.step()
         sched.step()
     return net.eval().requires_grad_(False)
+
+
+def residual_critic_network(name: str) -> ResidualToyMLP:
+    """What ``critic.start: exact_residual`` copies for ``analytic:NAME``: the exact denoiser plus a zero
+    correction on the fitted MLP's trunk."""
+    return ResidualToyMLP.from_fitted(name, fit_toy_network(name)).eval().requires_grad_(False)
 
 
 def load_toy_teacher(name: str, guidance_scale: float | None = None):

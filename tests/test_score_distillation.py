@@ -359,3 +359,42 @@ def test_student_inputs_switch(inputs, tiny_teacher_dir, tmp_path, monkeypatch):
     x, _ = m.sample_student((real, cond), torch.Generator().manual_seed(0), grad=True)
     assert x.requires_grad and x.shape == real.shape
     assert calls == ([False, False, False, True] if inputs == "backward_simulation" else [True])
+
+
+def test_exact_residual_critic_starts_as_the_analytic_teacher_and_trains_its_correction(tiny_teacher_dir, tmp_path,
+                                                                                        monkeypatch):
+    """``critic.start=exact_residual`` on ``analytic:NAME``: at initialisation the critic's x0 is the exact
+    denoiser's (while a copy of the fitted MLP's is not); only the correction has parameters, a critic update
+    moves them, and a resumed run gets them back. A real teacher refuses the switch in one line."""
+    from diffdistill import toy
+    from diffdistill.errors import ConfigError
+    from diffdistill.trainers.checkpoint import latest_checkpoint
+
+    monkeypatch.setattr(toy, "FIT_STEPS", 20)
+    cfg = load_distill_config(str(REPO / "configs/toy/dmd2.yaml"),
+                              ["critic.start=exact_residual", "train.batch_size=16", "critic.updates=2"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    m = trainer.method
+    assert isinstance(m.critic, toy.ResidualToyMLP)
+    names = [n for n, _ in m.critic.named_parameters()]
+    assert names and all(n.startswith("correction.") for n in names)
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float() * 1.5
+    t = torch.linspace(20, 980, 64, dtype=torch.float64)
+    cond = Conditioning()
+    with torch.no_grad():
+        exact = m.teacher.denoiser(x, t, cond)
+        torch.testing.assert_close(m.critic_denoiser()(x, t, cond), exact, atol=1e-5, rtol=0)
+        fitted_copy = m.like_teacher(m.student)(x, t, cond)
+    assert (fitted_copy - exact).abs().max() > 1e-2
+    head_before = m.critic.correction.head.weight.detach().clone()
+    trainer.train_step()
+    assert m.critic.correction.head.weight.detach().abs().sum() > 0 and not head_before.any()
+    trainer.save()
+    resumed = Trainer(cfg, tmp_path / "run", progress=False)
+    resumed.load(latest_checkpoint(tmp_path / "run"))
+    saved = m.critic.state_dict()
+    assert saved and all(k.startswith("correction.") for k in saved)
+    for (k, v), w in zip(saved.items(), resumed.method.critic.state_dict().values()):
+        assert torch.equal(v, w), k
+    with pytest.raises(ConfigError, match="needs an analytic teacher"):
+        Trainer(tiny("dmd2", tiny_teacher_dir, "critic.start=exact_residual"), tmp_path / "real", progress=False)

@@ -49,6 +49,19 @@ def test_resume_is_bit_identical(tiny_teacher_dir, tmp_path):
     assert logs == straight
 
 
+def test_cycled_schedule_restarts_warmup_and_decay_every_cycle():
+    """``cycle_steps`` (progressive distillation's per-round anneal): every cycle is the same schedule."""
+    from diffdistill.trainers.loop import lr_factor
+    from diffdistill.trainers.method import OptimConfig
+
+    f = lr_factor(OptimConfig(schedule="linear", warmup_steps=2, cycle_steps=10), 30)
+    one = [f(k) for k in range(10)]
+    assert one[:3] == [0.5, pytest.approx(0.9), pytest.approx(0.8)] and one[-1] == pytest.approx(0.1)
+    assert [f(k) for k in range(10, 20)] == one == [f(k) for k in range(20, 30)]
+    held = lr_factor(OptimConfig(schedule="cosine", decay_steps=4, cycle_steps=10), 30)
+    assert [held(k) for k in (10, 15, 16)] == [1.0, 1.0, 1.0] and held(18) == pytest.approx(0.5)
+
+
 def test_warmup_stable_decay_schedule_and_resuming_into_it(tiny_teacher_dir, tmp_path):
     """``decay_steps`` holds the rate then decays it over the last steps; a constant run resumed into that
     tail equals the straight warmup-stable-decay run bit for bit; a cosine over all steps cannot be stretched."""
@@ -59,6 +72,8 @@ def test_warmup_stable_decay_schedule_and_resuming_into_it(tiny_teacher_dir, tmp
     assert [f(k) for k in (0, 5, 10)] == [1.0, 1.0, 1.0] and f(15) == pytest.approx(0.5) and f(20) == pytest.approx(0.0)
     g = lr_factor(OptimConfig(schedule="cosine"), 20)
     assert g(10) == pytest.approx(0.5) and g(0) == 1.0
+    lin = lr_factor(OptimConfig(schedule="linear", decay_steps=10), 20)
+    assert lin(5) == 1.0 and lin(15) == pytest.approx(0.5) and lin(20) == pytest.approx(0.0)
     wsd = pd_config(tiny_teacher_dir, "student_optim.schedule=cosine", "student_optim.decay_steps=10",
                     "student_optim.lr=3e-3")
     distill(wsd, tmp_path / "straight", progress=False)

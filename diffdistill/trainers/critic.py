@@ -14,6 +14,12 @@ The score-matching weighting is a switch, because the official codes differ: ``"
 ``(SNR + 1/σ_d²)·‖x̂0 − x0‖²`` (DMD2's ImageNet code and SiD), ``"snr_plus_one"`` the v-MSE.
 Training times are uniform over the whole schedule (both DMD2 codes).
 
+``start`` matters for analytic teachers only, whose exact denoiser has no network to copy. ``"teacher"``
+copies the MLP fitted to the mixture that students start from, so the critic starts off the exact teacher by
+that fit's error (which nothing in the DMD gradient cancels); ``"exact_residual"`` is the exact denoiser plus a
+learned correction that starts at zero (:class:`~diffdistill.toy.ResidualToyMLP`), so the critic starts as the
+teacher exactly, as a copy of a real teacher does.
+
 For a K-step student, ``per_step`` is a switch too. DMD2's code trains one critic on the outputs of all K
 steps, so the critic models their *mixture*, and each step's generator gradient corrects the mixture
 rather than that step's own distribution. With ``per_step`` the critic role holds K networks (a
@@ -45,6 +51,8 @@ class CriticArgs:
     lora_alpha: float = option(8.0, min=0.0, help="LoRA scale numerator: the update is (alpha/rank)·BA")
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     weighting: Literal["snr", "karras", "snr_plus_one"] = "snr"
+    start: Literal["teacher", "exact_residual"] = option("teacher", help="analytic teachers: exact_residual = the "
+                                                         "exact denoiser plus a zero-initialised learned correction")
     per_step: bool = option(False, help="K-step students: one critic per student step, each trained on that step's "
                                         "outputs only (K times the critic's memory); off: one critic for all steps")
     step_embedding: bool = option(False, help="K-step students: the one critic is told the student step that "

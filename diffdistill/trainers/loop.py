@@ -39,26 +39,28 @@ CONFIG_FILE = "config.yaml"
 
 
 def lr_factor(cfg: OptimConfig, total_steps: int):
-    """Linear warm-up over ``warmup_steps``, then constant, or a cosine decay to 0 at ``total_steps`` over
-    all steps or over the last ``decay_steps``."""
-    start = max(0, total_steps - cfg.decay_steps) if cfg.decay_steps else 0
+    """Linear warm-up over ``warmup_steps``, then constant, or a cosine or linear decay to 0 at the end
+    over all steps or over the last ``decay_steps``; with ``cycle_steps`` the end is each cycle's."""
+    horizon = cfg.cycle_steps or total_steps
+    start = max(0, horizon - cfg.decay_steps) if cfg.decay_steps else 0
 
     def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        if cfg.schedule == "cosine":
-            progress = min(max(step - start, 0), total_steps - start) / max(total_steps - start, 1)
-            return warm * 0.5 * (1 + math.cos(math.pi * progress))
-        return warm
+        local = step % horizon if cfg.cycle_steps else step
+        warm = min(1.0, (local + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.schedule == "constant":
+            return warm
+        progress = min(max(local - start, 0), horizon - start) / max(horizon - start, 1)
+        return warm * (0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress)
     return factor
 
 
-RESUMABLE_OPTIM_KEYS = ("schedule", "decay_steps")  # may change on resume where the steps already taken keep their rates
+RESUMABLE_OPTIM_KEYS = ("schedule", "decay_steps", "cycle_steps")  # may change on resume where the steps already taken keep their rates
 
 
 def _check_resume_config(run_dir: Path, cfg: DistillConfig, step: int) -> None:
     """Refuse to resume ``run_dir`` (at ``step``) with a config that computes a step differently. Only
-    ``train.max_steps``, ``train.shard_teacher`` and a role's learning-rate ``schedule`` / ``decay_steps``
-    may change, and the last three only where every role's learning rate at steps ``0 .. step-1`` is the
+    ``train.max_steps``, ``train.shard_teacher`` and a role's learning-rate ``schedule`` / ``decay_steps`` /
+    ``cycle_steps`` may change, and those only where every role's learning rate at steps ``0 .. step-1`` is the
     one the run was trained with: a constant run resumes into a warmup-stable-decay tail; a cosine run
     cannot be stretched to more steps (its past rates would differ)."""
     from ..config import load_config

@@ -25,18 +25,23 @@ from .lora import LORA_TARGETS, add_lora, trainable_copy
 
 @dataclass
 class OptimConfig:
-    """AdamW for one role, with linear warm-up then a constant or cosine learning rate.
+    """AdamW for one role, with linear warm-up then a constant, cosine or linear learning rate.
 
     ``decay_steps`` > 0 holds the rate constant and decays it over the run's last ``decay_steps`` steps only
     (warmup-stable-decay, Hu et al. 2024, MiniCPM §4): such a run's first steps are those of the constant
-    run, so a constant run may be resumed into its decay (see ``loop._check_resume_config``)."""
+    run, so a constant run may be resumed into its decay (see ``loop._check_resume_config``).
+    ``cycle_steps`` > 0 restarts the whole schedule (warm-up, hold, decay) every ``cycle_steps`` steps, so
+    that "the run" above is one cycle: progressive distillation's official code anneals the rate linearly
+    to zero within every round (Salimans & Ho 2022; ``learning_rate_anneal_steps = steps_per_iter``)."""
 
     lr: float = option(1e-4, min=0.0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = option(0.0, min=0.0)
     warmup_steps: int = option(0, min=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    decay_steps: int = option(0, min=0, help="schedule=cosine: decay over the last N steps only; 0 = over all steps")
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    decay_steps: int = option(0, min=0, help="schedule=cosine|linear: decay over the last N steps only; 0 = over all steps")
+    cycle_steps: int = option(0, min=0, help="restart the schedule every N steps (progressive: steps_per_round); "
+                                             "0 = one schedule over the run")
 
 
 @dataclass

@@ -85,7 +85,8 @@ class ScoreDistillation(Method):
             raise ConfigError(f"{self.name} is data-free: a GAN needs real images; set gan.enabled=false")
         network = teacher.network
         self.student = self.new_student(network)
-        critics = [build_critic_network(network, cfg.critic, cfg.train.seed)
+        critic_base = teacher.residual_critic_network() if cfg.critic.start == "exact_residual" else network
+        critics = [build_critic_network(critic_base, cfg.critic, cfg.train.seed)
                    for _ in range(cfg.generator.student_steps if cfg.critic.per_step else 1)]
         self.critic = nn.ModuleList(critics) if len(critics) > 1 else critics[0]
         if cfg.critic.step_embedding:
