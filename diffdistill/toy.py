@@ -19,6 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .adapters import DiffusersDenoiser, register_adapter
+from .denoiser import Conditioning
 from .analytic import GaussianMixture, GaussianMixtureDenoiser
 from .errors import ModelLoadError
 from .schedules import VPSchedule, convert_prediction
@@ -87,8 +88,7 @@ class ResidualToyMLP(ModelMixin, ConfigMixin):
         self.correction = ToyMLP(dim, hidden, depth, time_features, num_train_timesteps, "v")
         nn.init.zeros_(self.correction.head.weight)
         nn.init.zeros_(self.correction.head.bias)
-        self.mixture = MIXTURES[mixture]()
-        self.schedule = VPSchedule.from_scheduler_config(TOY_SCHEDULER_CONFIG)
+        self.exact = GaussianMixtureDenoiser(MIXTURES[mixture](), VPSchedule.from_scheduler_config(TOY_SCHEDULER_CONFIG))
 
     @classmethod
     def from_fitted(cls, name: str, fitted: ToyMLP) -> "ResidualToyMLP":
@@ -99,11 +99,10 @@ class ResidualToyMLP(ModelMixin, ConfigMixin):
         return net
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        a, s = self.schedule.alpha_sigma(timestep.double().cpu())
-        a, s = a.to(x.device), s.to(x.device)
-        x0 = self.mixture.posterior_mean(x, a, s)
-        exact_v = convert_prediction(x0, "x0", "v", x.double(), a[:, None], s[:, None])
-        return exact_v.to(x.dtype) + self.correction(x, timestep)
+        t = timestep.double()
+        a, s = (c.to(x.device)[:, None] for c in self.exact.schedule.alpha_sigma(t.cpu()))
+        x0 = self.exact.predict(x, t, Conditioning())
+        return convert_prediction(x0, "x0", "v", x, a, s) + self.correction(x, timestep)
 
 
 @register_adapter("ResidualToyMLP")
