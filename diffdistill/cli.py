@@ -411,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         args.func(args)
+        from .processes import leave_process_group
+
+        leave_process_group()  # under `accelerate launch`: every process is done before the group goes
     except (DiffDistillError, OSError) as exc:  # OSError: a file or directory the system refused
         if debug:
             traceback.print_exc()

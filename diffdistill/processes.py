@@ -81,3 +81,13 @@ def current_processes() -> Processes:
 
     state = PartialState(cpu=cpu_process_group())
     return Processes(state.process_index, state.num_processes, str(state.device))
+
+
+def leave_process_group() -> None:
+    """Wait for every process, then tear the launcher's process group down, once a command has finished.
+
+    Left to interpreter exit, the group's communication threads can be destroyed while still running (gloo:
+    ``terminate called without an active exception``, a SIGABRT after the work itself succeeded)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
