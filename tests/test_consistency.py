@@ -109,3 +109,23 @@ def test_cpu_run_updates_student_and_target_not_teacher(tiny_teacher_dir, tmp_pa
     assert any(not torch.equal(v, target_before[k]) for k, v in m.target.state_dict().items())
     assert any(not torch.equal(v, m.student.state_dict()[k]) for k, v in m.target.state_dict().items())
     assert (tmp_path / "run" / "samples" / "step_0000003_4step.png").is_file()
+
+
+def test_sample_sigmas_set_the_multistep_levels_and_bad_lists_are_refused(tiny_teacher_dir):
+    from diffdistill.errors import ConfigError
+    from diffdistill.trainers.loop import build_method
+    from diffdistill.trainers.method import load_distill_config
+
+    base = ["method=consistency", f"teacher={tiny_teacher_dir}", "data.resolution=8", "consistency.num_scales=6"]
+    m = build_method(load_distill_config(None, base + ["consistency.sample_sigmas.3=2.0,0.5"]))
+    schedule = m.teacher.denoiser.schedule
+    three = m.student_timesteps(3)
+    assert three[0] == float(m.grid[-1]) and len(three) == 3
+    torch.testing.assert_close(schedule.sigma(torch.tensor(three[1:], dtype=torch.float64)),
+                               torch.tensor([2.0, 0.5], dtype=torch.float64), rtol=1e-9, atol=0)
+    default = build_method(load_distill_config(None, base))
+    assert m.student_timesteps(2) == default.student_timesteps(2) and three != default.student_timesteps(3)
+    for bad in ["consistency.sample_sigmas.3=0.5,2.0", "consistency.sample_sigmas.3=2.0",
+                "consistency.sample_sigmas.2=1e9"]:
+        with pytest.raises(ConfigError, match="sample_sigmas"):
+            build_method(load_distill_config(None, base + [bad]))

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import option
 from ..denoiser import Conditioning, Denoiser
+from ..errors import ConfigError
 from ..samplers.base import ddim_step, per_sample
 from ..samplers.ode import ode_step
 from ..schedules import NoiseSchedule, edm_preconditioning, karras_sigmas
@@ -131,6 +132,20 @@ def consistency_distillation_loss(teacher: Denoiser | None, student: Denoiser, t
     return {"loss": (lam.to(dist) * dist).mean(), "distance": dist.mean().detach()}
 
 
+def check_sample_sigmas(sample_sigmas: dict[str, list[float]], sigma_min: float, sigma_max: float,
+                        key_prefix: str = "consistency") -> None:
+    """Each entry of ``<method>.sample_sigmas``: ``n - 1`` levels for ``n`` steps, strictly decreasing
+    and strictly between ``sigma_min`` and the noisiest grid level ``sigma_max``."""
+    for key, levels in sample_sigmas.items():
+        if not key.isdigit() or int(key) < 2 or len(levels) != int(key) - 1:
+            raise ConfigError(f"{key_prefix}.sample_sigmas['{key}'] has {len(levels)} levels; key it by a step count "
+                              f"n >= 2 and give the n - 1 levels after the first (sigma_max {sigma_max:.4g}) one")
+        chain = [sigma_max, *levels, sigma_min]
+        if any(hi <= lo for hi, lo in zip(chain, chain[1:])):
+            raise ConfigError(f"{key_prefix}.sample_sigmas['{key}'] = {levels} must decrease strictly between "
+                              f"sigma_max {sigma_max:.4g} and sigma_min {sigma_min:.4g}")
+
+
 @dataclass
 class ConsistencyArgs:
     num_scales: int = option(18, min=2, help="N, the discretisation of the noise levels (18 in the paper)")
@@ -144,6 +159,9 @@ class ConsistencyArgs:
     target_ema: float = option(0.95, min=0.0, max=1.0, help="μ, the target network's EMA decay (0: stop-grad θ)")
     boundary: Literal["cm", "lcm"] = "cm"
     sigma_data: float = option(0.5, min=0.0)
+    sample_sigmas: dict[str, list[float]] = option(
+        {}, help="explicit σ levels of the n-step sampler after its first (σ_max) one, keyed by n, e.g. "
+                 "{'4': [5.0, 1.5, 0.4]}; step counts not given use grid levels evenly spaced in index")
 
 
 @dataclass
@@ -168,6 +186,7 @@ class ConsistencyDistillation(Method):
             raise ValueError(f"consistency needs 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {sigma_max}; "
                              "set consistency.sigma_min / sigma_max")
         self.grid = consistency_grid(schedule, args.num_scales, args.discretisation, self.sigma_min, sigma_max, args.rho)
+        check_sample_sigmas(args.sample_sigmas, self.sigma_min, float(schedule.sigma(self.grid[-1])), cfg.method)
         self.student = self.new_student()
         self.target = frozen_sharing_copy(self.student).eval().requires_grad_(False)
 
@@ -185,7 +204,13 @@ class ConsistencyDistillation(Method):
         return ConsistencyDenoiser(self.like_teacher(network), self.sigma_min, boundary=self.args.boundary, sigma_data=self.args.sigma_data)
 
     def student_timesteps(self, num_steps: int) -> list[float]:
-        """``num_steps`` grid levels evenly spaced in index from the noisiest one down."""
+        """The noisiest grid level, then ``consistency.sample_sigmas[num_steps]`` where given (the CM paper
+        picks each model's multistep time points by searching on FID; ``bench/tune_sample_sigmas.py``
+        does that search), else ``num_steps`` grid levels evenly spaced in index from the noisiest down."""
+        levels = self.args.sample_sigmas.get(str(num_steps))
+        if levels is not None:
+            sigmas = torch.tensor(levels, dtype=torch.float64)
+            return [float(self.grid[-1])] + self.teacher.denoiser.schedule.t_from_sigma(sigmas).tolist()
         idx = torch.linspace(len(self.grid) - 1, 0, num_steps + 1).round().long()[:-1]
         return self.grid[idx].tolist()
 
