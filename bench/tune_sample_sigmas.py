@@ -39,7 +39,7 @@ GOLDEN = (math.sqrt(5) - 1) / 2
 class Scorer:
     """Mean FD of the run's EMA student sampled through explicit σ levels (the first one σ_max)."""
 
-    def __init__(self, run_dir: str, num: int, seeds: list[int]):
+    def __init__(self, run_dir: str, num: int, seeds: list[int], guidance_scale: float | None = None):
         self.run = SavedRun(run_dir, None, device="cpu")
         self.method = m = self.run.method
         if not hasattr(m, "grid"):
@@ -50,6 +50,8 @@ class Scorer:
         self.reference = load_reference(self.run.cfg.data, self.extractor, split="train")
         network, _ = self.run.student_network(True)
         self.denoiser = m.student_denoiser(network)
+        if guidance_scale is not None and self.denoiser.embeds_guidance:  # an LCM student's input scale
+            self.denoiser.guidance_scale = float(guidance_scale)
         self.sigma_max = float(self.schedule.sigma(m.grid[-1]))
         self.sigma_min = float(self.schedule.sigma(m.grid[0]))
 
@@ -107,9 +109,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="100,101")
     ap.add_argument("--evals", type=int, default=8, help="FD evaluations per level")
     ap.add_argument("--passes", type=int, default=1, help="sweeps over the levels")
+    ap.add_argument("--guidance-scale", type=float,
+                    help="lcm runs: the (standard) scale the student samples at, as diffdistill eval's option")
     ap.add_argument("--output", help="also write the result as JSON here")
     args = ap.parse_args()
-    scorer = Scorer(args.run, args.num, [int(s) for s in args.seeds.split(",")])
+    scorer = Scorer(args.run, args.num, [int(s) for s in args.seeds.split(",")], args.guidance_scale)
     print(f"sigma_max {scorer.sigma_max:.4g}, sigma_min {scorer.sigma_min:.4g}; seeds {args.seeds}, {args.num} samples each")
     rows, tuned = [], {}
     for n in [int(s) for s in args.steps.split(",")]:
