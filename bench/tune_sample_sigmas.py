@@ -4,8 +4,8 @@
 
 Song et al. 2023 choose the intermediate time points of their multistep consistency sampling per model by
 searching on FID (the official sampler takes them as ``--ts``). This script does such a search for a
-``consistency`` or ``lcm`` run: for each step count ``n`` it starts from the default levels (grid levels
-evenly spaced in index) and, one level at a time from the noisiest down, runs a golden-section search in
+``consistency``, ``lcm`` or ``ict`` run: for each step count ``n`` it starts from the run's levels (its ``sample_sigmas``, else
+grid levels evenly spaced in index) and, one level at a time from the noisiest down, runs a golden-section search in
 log σ over the open interval between that level's neighbours (``--evals`` evaluations each; σ_max and
 σ_min are the ends), keeping the best point found. Every evaluation is the mean FD of ``--num`` EMA-student
 samples over ``--seeds`` against the training split's reference, like ``diffdistill eval``. The default
@@ -42,8 +42,9 @@ class Scorer:
     def __init__(self, run_dir: str, num: int, seeds: list[int], guidance_scale: float | None = None):
         self.run = SavedRun(run_dir, None, device="cpu")
         self.method = m = self.run.method
-        if not hasattr(m, "grid"):
-            raise SystemExit(f"{run_dir} is a '{self.run.cfg.method}' run; this search is for consistency and lcm runs")
+        if not hasattr(m.args, "sample_sigmas"):
+            raise SystemExit(f"{run_dir} is a '{self.run.cfg.method}' run; this search is for consistency, lcm and "
+                             "ict runs (the methods with a sample_sigmas key)")
         self.schedule = m.teacher.denoiser.schedule
         self.opts = EvalOptions(num=num, seeds=seeds, progress=False, kid_subsets=10)
         self.extractor = get_feature_extractor(default_features(self.run.cfg.data))
@@ -52,15 +53,15 @@ class Scorer:
         self.denoiser = m.student_denoiser(network)
         if guidance_scale is not None and self.denoiser.embeds_guidance:  # an LCM student's input scale
             self.denoiser.guidance_scale = float(guidance_scale)
-        self.sigma_max = float(self.schedule.sigma(m.grid[-1]))
-        self.sigma_min = float(self.schedule.sigma(m.grid[0]))
+        self.first_t = float(m.student_timesteps(2)[0])
+        self.sigma_max, self.sigma_min = float(self.schedule.sigma(self.first_t)), float(m.sigma_min)
 
     def default_levels(self, n: int) -> list[float]:
         ts = torch.tensor(self.method.student_timesteps(n)[1:], dtype=torch.float64)
         return self.schedule.sigma(ts).tolist()
 
     def fid(self, levels: list[float]) -> float:
-        ts = [float(self.method.grid[-1])] + self.schedule.t_from_sigma(torch.tensor(levels, dtype=torch.float64)).tolist()
+        ts = [self.first_t] + self.schedule.t_from_sigma(torch.tensor(levels, dtype=torch.float64)).tolist()
         n = len(ts)
         cand = Candidate("student", self.denoiser, self.method.student_sampler, [n], timesteps=lambda k: ts)
         fid = evaluate([cand], self.method.teacher, self.extractor, self.reference, self.opts)["student"]["fid"][str(n)]
@@ -120,7 +121,7 @@ def main() -> None:
         if n < 2:
             raise SystemExit("--steps: only step counts of 2 or more have intermediate levels")
         levels = scorer.default_levels(n)
-        print(f"{n} steps: default levels")
+        print(f"{n} steps: starting levels")
         start = best = scorer.fid(levels)
         default = levels
         for _ in range(args.passes):
@@ -129,7 +130,7 @@ def main() -> None:
                 levels, best = search_level(scorer, levels, k, args.evals, best)
         rows.append((n, default, start, levels, best))
         tuned[str(n)] = [round(s, 4) for s in levels]
-    print("\n| steps | default levels | FD | tuned levels | FD |\n|---|---|---|---|---|")
+    print("\n| steps | starting levels | FD | tuned levels | FD |\n|---|---|---|---|---|")
     for n, default, start, levels, best in rows:
         print(f"| {n} | {fmt(default)} | {start:.4f} | {fmt(levels)} | {best:.4f} |")
     line = json.dumps(tuned)

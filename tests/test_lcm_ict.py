@@ -185,3 +185,21 @@ def test_cpu_runs(method, tiny_teacher_dir, tmp_path):
         assert terms[0]["student/num_scales"] == 11
     trainer.sample_grids()
     assert len(list((tmp_path / "run" / "samples").iterdir())) == 3
+
+
+@pytest.mark.parametrize("method", ["lcm", "ict"])
+def test_sample_sigmas_keys_of_lcm_and_ict(method, tiny_teacher_dir):
+    from diffdistill.errors import ConfigError
+    from diffdistill.trainers.loop import build_method
+    from diffdistill.trainers.method import load_distill_config
+
+    base = [f"method={method}", f"teacher={tiny_teacher_dir}", "data.resolution=8"]
+    default = build_method(load_distill_config(None, base))
+    m = build_method(load_distill_config(None, base + [f"{method}.sample_sigmas.4=10.0,1.0,0.1"]))
+    four = m.student_timesteps(4)
+    assert four[0] == pytest.approx(default.student_timesteps(4)[0], abs=1e-9) and four != default.student_timesteps(4)
+    sigmas = m.teacher.denoiser.schedule.sigma(torch.tensor(four[1:], dtype=torch.float64))
+    torch.testing.assert_close(sigmas, torch.tensor([10.0, 1.0, 0.1], dtype=torch.float64), rtol=1e-9, atol=0)
+    assert m.student_timesteps(2) == default.student_timesteps(2)
+    with pytest.raises(ConfigError, match=f"{method}.sample_sigmas"):
+        build_method(load_distill_config(None, base + [f"{method}.sample_sigmas.3=0.1,1.0"]))

@@ -28,7 +28,9 @@ from ..config import option
 from ..denoiser import Denoiser
 from ..errors import ConfigError
 from ..schedules import karras_sigmas
-from .consistency import ConsistencyDenoiser, consistency_distillation_loss, lognormal_level_probs
+from .consistency import (
+    ConsistencyDenoiser, check_sample_sigmas, consistency_distillation_loss, lognormal_level_probs,
+)
 from .method import DistillConfig, Method, register_method
 
 
@@ -51,6 +53,9 @@ class ICTArgs:
     weighting: Literal["uniform", "icm"] = "icm"
     init: Literal["scratch", "teacher"] = "scratch"
     sigma_data: float = option(0.5, min=0.0)
+    sample_sigmas: dict[str, list[float]] = option(
+        {}, help="explicit σ levels of the n-step sampler after its first (σ_max) one, keyed by n, as "
+                 "consistency.sample_sigmas; step counts not given use the final grid's levels evenly spaced in index")
 
 
 @dataclass
@@ -71,6 +76,7 @@ class ImprovedConsistencyTraining(Method):
         schedule = teacher.denoiser.schedule
         self.sigma_min = max(a.sigma_min or 0.002, float(schedule.sigma(schedule.t_min)))
         self.sigma_max = min(a.sigma_max, float(schedule.sigma(schedule.t_max)))
+        check_sample_sigmas(a.sample_sigmas, self.sigma_min, self.sigma_max, "ict")
         net = teacher.network
         if a.init == "teacher":
             self.student = self.new_student()
@@ -95,6 +101,12 @@ class ImprovedConsistencyTraining(Method):
         return karras_sigmas(num_scales, self.sigma_min, self.sigma_max, self.args.rho).flip(0)
 
     def student_timesteps(self, num_steps: int) -> list[float]:
+        """σ_max, then ``ict.sample_sigmas[num_steps]`` where given, else levels of the final grid evenly
+        spaced in index from the noisiest down."""
+        given = self.args.sample_sigmas.get(str(num_steps))
+        if given is not None:
+            return self.teacher.denoiser.schedule.t_from_sigma(
+                torch.tensor([self.sigma_max, *given], dtype=torch.float64)).tolist()
         levels = self.sigmas(ict_num_scales(self.total_steps, self.total_steps, self.args.s0, self.args.s1))
         idx = torch.linspace(len(levels) - 1, 0, num_steps + 1).round().long()[:-1]
         return self.teacher.denoiser.schedule.t_from_sigma(levels[idx]).tolist()
