@@ -11,7 +11,7 @@ log σ over the open interval between that level's neighbours (``--evals`` evalu
 samples over ``--seeds`` against the training split's reference, like ``diffdistill eval``. The default
 seeds (100, 101) are not the ones ``diffdistill eval`` reports (0, 1, 2 with ``--seeds 3``), so a
 reported figure for the tuned levels is not the draw they were chosen on. It prints every evaluation, the
-default and the tuned levels with their FD, and the config line to paste.
+starting and the tuned levels with their FD, and the config line to paste.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Scorer:
         self.first_t = float(m.student_timesteps(2)[0])
         self.sigma_max, self.sigma_min = float(self.schedule.sigma(self.first_t)), float(m.sigma_min)
 
-    def default_levels(self, n: int) -> list[float]:
+    def starting_levels(self, n: int) -> list[float]:
         ts = torch.tensor(self.method.student_timesteps(n)[1:], dtype=torch.float64)
         return self.schedule.sigma(ts).tolist()
 
@@ -120,24 +120,24 @@ def main() -> None:
     for n in [int(s) for s in args.steps.split(",")]:
         if n < 2:
             raise SystemExit("--steps: only step counts of 2 or more have intermediate levels")
-        levels = scorer.default_levels(n)
+        levels = scorer.starting_levels(n)
         print(f"{n} steps: starting levels")
         start = best = scorer.fid(levels)
-        default = levels
+        first = levels
         for _ in range(args.passes):
             for k in range(n - 1):
                 print(f"{n} steps: level {k + 1} of {n - 1}")
                 levels, best = search_level(scorer, levels, k, args.evals, best)
-        rows.append((n, default, start, levels, best))
+        rows.append((n, first, start, levels, best))
         tuned[str(n)] = [round(s, 4) for s in levels]
     print("\n| steps | starting levels | FD | tuned levels | FD |\n|---|---|---|---|---|")
-    for n, default, start, levels, best in rows:
-        print(f"| {n} | {fmt(default)} | {start:.4f} | {fmt(levels)} | {best:.4f} |")
+    for n, first, start, levels, best in rows:
+        print(f"| {n} | {fmt(first)} | {start:.4f} | {fmt(levels)} | {best:.4f} |")
     line = json.dumps(tuned)
     print(f"\nconfig: {scorer.run.cfg.method}.sample_sigmas: {line}")
     if args.output:
         Path(args.output).write_text(json.dumps({"run": args.run, "seeds": args.seeds, "num": args.num,
-                                                 "rows": [{"steps": n, "default": d, "default_fd": s, "tuned": l,
+                                                 "rows": [{"steps": n, "start": d, "start_fd": s, "tuned": l,
                                                            "tuned_fd": b} for n, d, s, l, b in rows]}, indent=1) + "\n")
 
 

@@ -146,6 +146,16 @@ def check_sample_sigmas(sample_sigmas: dict[str, list[float]], sigma_min: float,
                               f"sigma_max {sigma_max:.4g} and sigma_min {sigma_min:.4g}")
 
 
+def explicit_sample_timesteps(sample_sigmas: dict[str, list[float]], num_steps: int, schedule: NoiseSchedule,
+                              first_t: float) -> list[float] | None:
+    """The ``num_steps``-step sampler's native times from ``<method>.sample_sigmas``: ``first_t`` (σ_max),
+    then the given levels; None where that step count is not given."""
+    levels = sample_sigmas.get(str(num_steps))
+    if levels is None:
+        return None
+    return [float(first_t)] + schedule.t_from_sigma(torch.tensor(levels, dtype=torch.float64)).tolist()
+
+
 @dataclass
 class ConsistencyArgs:
     num_scales: int = option(18, min=2, help="N, the discretisation of the noise levels (18 in the paper)")
@@ -207,10 +217,10 @@ class ConsistencyDistillation(Method):
         """The noisiest grid level, then ``consistency.sample_sigmas[num_steps]`` where given (the CM paper
         picks each model's multistep time points by searching on FID; ``bench/tune_sample_sigmas.py``
         does that search), else ``num_steps`` grid levels evenly spaced in index from the noisiest down."""
-        levels = self.args.sample_sigmas.get(str(num_steps))
-        if levels is not None:
-            sigmas = torch.tensor(levels, dtype=torch.float64)
-            return [float(self.grid[-1])] + self.teacher.denoiser.schedule.t_from_sigma(sigmas).tolist()
+        given = explicit_sample_timesteps(self.args.sample_sigmas, num_steps, self.teacher.denoiser.schedule,
+                                          float(self.grid[-1]))
+        if given is not None:
+            return given
         idx = torch.linspace(len(self.grid) - 1, 0, num_steps + 1).round().long()[:-1]
         return self.grid[idx].tolist()
 

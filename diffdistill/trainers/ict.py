@@ -29,7 +29,8 @@ from ..denoiser import Denoiser
 from ..errors import ConfigError
 from ..schedules import karras_sigmas
 from .consistency import (
-    ConsistencyDenoiser, check_sample_sigmas, consistency_distillation_loss, lognormal_level_probs,
+    ConsistencyDenoiser, check_sample_sigmas, consistency_distillation_loss, explicit_sample_timesteps,
+    lognormal_level_probs,
 )
 from .method import DistillConfig, Method, register_method
 
@@ -103,13 +104,14 @@ class ImprovedConsistencyTraining(Method):
     def student_timesteps(self, num_steps: int) -> list[float]:
         """σ_max, then ``ict.sample_sigmas[num_steps]`` where given, else levels of the final grid evenly
         spaced in index from the noisiest down."""
-        given = self.args.sample_sigmas.get(str(num_steps))
+        schedule = self.teacher.denoiser.schedule
+        given = explicit_sample_timesteps(self.args.sample_sigmas, num_steps, schedule,
+                                          float(schedule.t_from_sigma(torch.tensor(self.sigma_max, dtype=torch.float64))))
         if given is not None:
-            return self.teacher.denoiser.schedule.t_from_sigma(
-                torch.tensor([self.sigma_max, *given], dtype=torch.float64)).tolist()
+            return given
         levels = self.sigmas(ict_num_scales(self.total_steps, self.total_steps, self.args.s0, self.args.s1))
         idx = torch.linspace(len(levels) - 1, 0, num_steps + 1).round().long()[:-1]
-        return self.teacher.denoiser.schedule.t_from_sigma(levels[idx]).tolist()
+        return schedule.t_from_sigma(levels[idx]).tolist()
 
     def loss(self, phase, batch, step, generator) -> dict[str, torch.Tensor]:
         x0, cond = batch
