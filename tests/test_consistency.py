@@ -47,6 +47,23 @@ def test_per_sample_solver_step_equals_the_samplers(solver):
         torch.testing.assert_close(got[i:i + 1], one, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("solver", ["heun", "ddim"])
+def test_substeps_are_steps_at_log_spaced_levels_and_approach_the_exact_ode(solver):
+    teacher = analytic(EDMSchedule())
+    x = torch.randn(4, 2, dtype=torch.float64) * 3
+    t = torch.tensor([3.0, 1.0, 0.5, 2.0], dtype=torch.float64)
+    r = torch.tensor([1.0, 0.2, 0.1, 0.02], dtype=torch.float64)
+    got = teacher_solver_step(teacher, x, t, r, Conditioning(), solver, substeps=3)
+    for i in range(4):  # EDM: t = σ, so the levels are t·(r/t)^(k/3)
+        levels = torch.stack([t[i] * (r[i] / t[i]) ** (k / 3) for k in range(4)])
+        want = get_sampler(solver)(teacher, x[i:i + 1], levels)
+        torch.testing.assert_close(got[i:i + 1], want, rtol=1e-10, atol=1e-10)
+    fine = teacher_solver_step(teacher, x, t, r, Conditioning(), "heun", substeps=200)
+    errors = [(teacher_solver_step(teacher, x, t, r, Conditioning(), solver, substeps=k) - fine).abs().max()
+              for k in (1, 4)]
+    assert errors[1] < errors[0] / 4, errors
+
+
 class ExactConsistencyMap(Denoiser):
     """The consistency function of the discretised teacher ODE: solver steps down to grid[0], then f = x/a."""
 

@@ -85,8 +85,15 @@ DISTANCES = {"l2": squared_l2, "pseudo_huber": pseudo_huber}
 
 
 def teacher_solver_step(teacher: Denoiser, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: Conditioning,
-                        solver: str, guidance_scale=None) -> torch.Tensor:
-    """One deterministic teacher step t → r (per-sample times): DDIM, Euler or Heun in EDM variables."""
+                        solver: str, guidance_scale=None, substeps: int = 1) -> torch.Tensor:
+    """The deterministic teacher solve t → r (per-sample times): ``substeps`` DDIM, Euler or Heun steps
+    (in EDM variables) at σ levels evenly spaced in log σ between the two; 1 is the CD paper's single step."""
+    if substeps > 1:
+        s_hi, s_lo = teacher.schedule.sigma(t).double(), teacher.schedule.sigma(r).double()
+        for i in range(1, substeps + 1):
+            nxt = r if i == substeps else teacher.schedule.t_from_sigma(s_hi * (s_lo / s_hi) ** (i / substeps))
+            x, t = teacher_solver_step(teacher, x, t, nxt.to(t), cond, solver, guidance_scale), nxt.to(t)
+        return x
     if solver == "ddim":
         return ddim_step(teacher, x, teacher(x, t, cond, guidance_scale=guidance_scale), t, r)
     return ode_step(teacher, x, t, r, cond, guidance_scale=guidance_scale, frame="edm", heun=solver == "heun")
@@ -104,11 +111,13 @@ def consistency_distillation_loss(teacher: Denoiser | None, student: Denoiser, t
                                   cond: Conditioning, grid: torch.Tensor, *, schedule: NoiseSchedule | None = None,
                                   solver: str = "heun", distance: str = "l2", weighting: str = "uniform",
                                   level_probs: torch.Tensor | None = None, guidance_scale: torch.Tensor | None = None,
-                                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                                  generator: torch.Generator | None = None, solver_substeps: int = 1
+                                  ) -> dict[str, torch.Tensor]:
     """One micro-batch of CD: ``λ(t_n)·d(f_θ(x_{n+1}, t_{n+1}), f_θ⁻(x̂_n, t_n))`` averaged over the batch.
 
-    ``x̂_n`` is one ``solver`` step of ``teacher`` (consistency distillation) or, with ``teacher=None``, the
-    same data and noise at ``t_n`` (consistency training). ``n`` is uniform, or drawn from ``level_probs``.
+    ``x̂_n`` is one ``solver`` step of ``teacher`` (or ``solver_substeps`` steps; consistency distillation)
+    or, with ``teacher=None``, the same data and noise at ``t_n`` (consistency training). ``n`` is uniform,
+    or drawn from ``level_probs``.
     ``weighting``: ``"uniform"`` (λ = 1, the CD paper) or ``"icm"`` (``λ = 1/(σ_{n+1} − σ_n)``, iCT).
     ``guidance_scale`` (per sample, standard convention) guides the teacher step and is handed to the
     student and target networks, which LCM students embed (:class:`GuidanceEmbeddedStudent`).
@@ -125,7 +134,7 @@ def consistency_distillation_loss(teacher: Denoiser | None, student: Denoiser, t
         if teacher is None:
             x_lo = schedule.add_noise(x0, eps, t_lo)
         else:
-            x_lo = teacher_solver_step(teacher, x_hi, t_hi, t_lo, cond, solver, guidance_scale)
+            x_lo = teacher_solver_step(teacher, x_hi, t_hi, t_lo, cond, solver, guidance_scale, solver_substeps)
         goal = target(x_lo, t_lo, cond, guidance_scale=guidance_scale)
     dist = DISTANCES[distance](student(x_hi, t_hi, cond, guidance_scale=guidance_scale), goal)
     lam = 1 / (schedule.sigma(t_hi) - schedule.sigma(t_lo)) if weighting == "icm" else torch.ones(len(x0))
@@ -164,6 +173,8 @@ class ConsistencyArgs:
     sigma_max: float | None = option(None, min=0.0, help="None: σ at the schedule's t_max")
     rho: float = option(7.0, min=1.0)
     solver: Literal["heun", "euler", "ddim"] = "heun"
+    solver_substeps: int = option(1, min=1, help="teacher solver steps per grid interval, evenly spaced in log σ "
+                                                 "(1: the CD paper's single step; more: a finer teacher ODE, same grid)")
     distance: Literal["l2", "pseudo_huber"] = "l2"
     weighting: Literal["uniform", "icm"] = "uniform"
     target_ema: float = option(0.95, min=0.0, max=1.0, help="μ, the target network's EMA decay (0: stop-grad θ)")
@@ -231,7 +242,8 @@ class ConsistencyDistillation(Method):
         return consistency_distillation_loss(self.teacher.denoiser, self.student_denoiser(self.student),
                                              self.student_denoiser(self.target), x0, cond, self.grid,
                                              solver=a.solver, distance=a.distance, weighting=a.weighting,
-                                             guidance_scale=guidance_scale, generator=generator)
+                                             guidance_scale=guidance_scale, generator=generator,
+                                             solver_substeps=a.solver_substeps)
 
     def after_step(self, step: int) -> bool:
         ema_update(self.target, self.student, self.args.target_ema)
