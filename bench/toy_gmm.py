@@ -3,7 +3,8 @@
     python bench/toy_gmm.py [--configs configs/toy/dmd2.yaml,...] [--seeds 0,1,2] [--sample-seeds 1,2,3,4,5]
                             [--max-steps N] [--num 100000]
 
-For each config (a method run with ``teacher: analytic:ring8``) it trains the student through the normal
+For each config (a method run with ``teacher: analytic:ring8``; by default every file under ``configs/toy/``:
+DMD2, and DMD with its regression loss) it trains the student through the normal
 loop, then prints one table: the sliced Wasserstein-2 distance (256 projections) of ``--num`` student
 samples (1 step, EMA weights) to 200 000 exact mixture samples, beside the same distance for the exact
 teacher's own 100-step Heun ODE samples and the ratio of the two (and, as the estimator's floor, for

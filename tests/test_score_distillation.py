@@ -398,3 +398,29 @@ def test_exact_residual_critic_starts_as_the_analytic_teacher_and_trains_its_cor
         assert torch.equal(v, w), k
     with pytest.raises(ConfigError, match="needs an analytic teacher"):
         Trainer(tiny("dmd2", tiny_teacher_dir, "critic.start=exact_residual"), tmp_path / "real", progress=False)
+
+
+def test_toy_dmd_config_is_the_dmd2_config_plus_the_regression_on_exact_ode_pairs(tmp_path, monkeypatch):
+    """``configs/toy/dmd.yaml`` differs from ``configs/toy/dmd2.yaml`` by the method and its regression
+    section only (the README compares the two as "DMD2 plus DMD's regression loss"); its pairs are the exact
+    teacher's Heun ODE map of their noise, and one training step has a finite regression term."""
+    from diffdistill import toy
+    from diffdistill.config import to_dict
+    from diffdistill.samplers import get_sampler, sampling_grid
+
+    dmd = to_dict(load_distill_config(str(REPO / "configs/toy/dmd.yaml")))
+    dmd2 = to_dict(load_distill_config(str(REPO / "configs/toy/dmd2.yaml")))
+    assert dmd.pop("method") == "dmd" and dmd2.pop("method") == "dmd2"
+    assert dmd.pop("dmd")["regression_weight"] == 0.25
+    assert dmd == dmd2
+
+    monkeypatch.setattr(toy, "FIT_STEPS", 20)
+    cfg = load_distill_config(str(REPO / "configs/toy/dmd.yaml"),
+                              ["train.batch_size=16", "critic.updates=1", "dmd.num_pairs=32", "dmd.pair_steps=4"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    pairs, teacher = trainer.method.pairs, trainer.method.teacher
+    ts = sampling_grid(teacher.denoiser, sampler="heun", num_steps=4)
+    ode = get_sampler("heun")(teacher.denoiser, pairs["noise"], ts, None, guidance_scale=None)
+    torch.testing.assert_close(ode.float(), pairs["images"])
+    terms = trainer.train_step()
+    assert terms["generator/regression"] > 0 and all(torch.isfinite(torch.tensor(v)) for v in terms.values())
