@@ -1,34 +1,34 @@
 """Benchmark: one-step generators against the exact 2-D Gaussian-mixture teacher.
 
     python bench/toy_gmm.py [--configs configs/toy/dmd2.yaml,...] [--seeds 0,1,2] [--sample-seeds 1,2,3,4,5]
-                            [--max-steps N] [--num 100000]
+                            [--max-steps N] [--num 100000] [key=value ...]
+    python bench/toy_gmm.py --score-runs RUN[,RUN...] [--raw]
 
 For each config (a method run with ``teacher: analytic:ring8``; by default every file under ``configs/toy/``:
-DMD2, and DMD with its regression loss) it trains the student through the normal
-loop, then prints one table: the sliced Wasserstein-2 distance (256 projections) of ``--num`` student
-samples (1 step, EMA weights) to 200 000 exact mixture samples, beside the same distance for the exact
-teacher's own 100-step Heun ODE samples and the ratio of the two (and, as the estimator's floor, for
-``--num`` fresh exact mixture samples); the share of samples within 3 standard
-deviations of some mode; the fewest samples any mode received (mode coverage: every mode should get
-about ``num/8``); and the training wall time. Each config trains once per ``--seeds`` entry (``train.seed``),
-one row per seed, then the median ratio over the seeds. Every SW2 is the mean over ``--sample-seeds``
-draws of ``--num`` samples (the student's and the ODE's noise, the fresh exact samples): at 100 000 samples
-one draw of the exact ODE or of fresh exact samples moves by about 0.004–0.007 with the seed, a quarter to a
-third of its value, because it mostly measures how the draw's mode counts scatter (README, "Analytic
-Gaussian mixture"). Goal (issue 4): ratio ≤ 1.1 and every mode covered.
+DMD2, and DMD with its regression loss) it trains the student through the normal loop, once per ``--seeds``
+entry (``train.seed``); ``--score-runs`` instead scores runs already trained by ``diffdistill distill``
+(their EMA student unless ``--raw``). It then prints one table, a row per run, over one draw of ``--num``
+samples per ``--sample-seeds`` entry (1 step):
 
-A second reference row runs the same 100-step ODE on the MLP that students and critics start from
-(:func:`diffdistill.toy.fit_toy_network`, fitted to exact samples): how well that network class, the
-critic's, represents the mixture as an ODE. It is a reference, not a bound: from the 3000-step fit of before
-(2.38x the exact ODE) one-step students scored below it; from the 20 000-step default (1.10x) they score above
-it, 1.46-1.47x (README, "Analytic Gaussian mixture").
+- the sliced Wasserstein-2 distance (256 projections) to 200 000 exact mixture samples, the mean over the
+  draws, and its ratio to the exact teacher's own 100-step Heun ODE samples scored the same way. Goal
+  (issue 4): ratio ≤ 1.1 and every mode covered. At 100 000 samples one draw of the exact ODE moves by
+  0.004–0.007 with the seed, a quarter to a third of its value, mostly with how the draw's mode counts
+  scatter, hence the mean over draws (README, "Analytic Gaussian mixture");
+- the off-mode share: samples more than 3 standard deviations from every mode (on the "bridges" a one-step
+  map leaves between modes; the exact ODE has about 1 %), the mean over the draws;
+- the nearest-mode weights against the mixture's, mean and largest error in percentage points over the
+  modes, the draws pooled (the exact ODE's are multinomial scatter, about 0.05 pp);
+- the fewest samples any mode received within 3 standard deviations, in any draw (mode coverage);
+- the training wall time.
 
-``--regression-reference`` adds a third: the student's network, started from the same fitted MLP, trained
-by plain regression (MSE) onto pairs of noise and the exact teacher's 100-step Heun ODE sample from it
-(400 000 pairs, 20 000 Adam steps, about 6 min on one core), then sampled in one step like a student.
-It asks whether the network class can represent the one-step map at all. On ring8 the same procedure, run
-by a script outside the bench with other seeds, scored 0.96x the exact ODE (README), so the
-distribution-matching students' gap comes from their training signal, not from capacity.
+Reference rows: the exact ODE, fresh exact samples (the estimator's floor) and the same ODE on the MLP that
+students and critics start from (:func:`diffdistill.toy.fit_toy_network`): how well that network class
+represents the mixture as an ODE; a reference, not a bound (README). ``--regression-reference`` adds the
+students' network, started from the same fitted MLP, trained by plain regression (MSE) onto pairs of noise
+and the exact teacher's 100-step Heun ODE sample from it (400 000 pairs, 20 000 Adam steps, about 6 min on
+one core), then sampled in one step like a student: whether the network class can represent the one-step
+map at all (0.96x the exact ODE on ring8, README).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import copy
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,25 +52,58 @@ from diffdistill.toy import fit_toy_network, mixture  # noqa: E402
 from diffdistill.trainers.dmd import make_pairs  # noqa: E402
 from diffdistill.trainers.loop import Trainer, lr_factor  # noqa: E402
 from diffdistill.trainers.method import OptimConfig, load_distill_config  # noqa: E402
+from diffdistill.trainers.saved_run import SavedRun  # noqa: E402
 
 
 def sw2(x: torch.Tensor, ref: torch.Tensor) -> float:
     return sliced_wasserstein2(x, ref, num_projections=256, generator=torch.Generator().manual_seed(0))
 
 
-def modes(x: torch.Tensor, mix) -> tuple[float, int]:
-    """Share of samples within 3 std of their nearest mode, and the smallest per-mode count."""
-    d = torch.cdist(x.double(), mix.means)
+@dataclass
+class Score:
+    """One model's figures over its draws (one draw of ``--num`` samples per sampling seed)."""
+
+    sw2: float            # mean over the draws
+    off_mode: float       # share of samples more than 3 std from every mode, mean over the draws
+    weight_error: float   # mean over modes of |nearest-mode share - component weight|, draws pooled
+    weight_error_max: float
+    fewest: int           # the smallest count any mode got within 3 std, over all draws
+
+    def cells(self, exact: "Score") -> str:
+        return (f"{self.sw2:.4f} | {self.sw2 / exact.sw2:.2f} | {self.off_mode:.1%} | "
+                f"{100 * self.weight_error:.2f} / {100 * self.weight_error_max:.2f} pp | {self.fewest}")
+
+
+def score(draws: list[torch.Tensor], mix, ref: torch.Tensor) -> Score:
     std = float(mix.covs.diagonal(dim1=1, dim2=2).max().sqrt())
-    near = d.min(1).values < 3 * std
-    counts = torch.bincount(d.argmin(1)[near], minlength=mix.num_components)
-    return float(near.double().mean()), int(counts.min())
+    off, fewest, counts = [], [], torch.zeros(mix.num_components, dtype=torch.float64)
+    for x in draws:
+        d = torch.cdist(x.double(), mix.means)
+        nearest, near = d.argmin(1), d.min(1).values < 3 * std
+        off.append(1.0 - float(near.double().mean()))
+        fewest.append(int(torch.bincount(nearest[near], minlength=mix.num_components).min()))
+        counts += torch.bincount(nearest, minlength=mix.num_components).double()
+    error = (counts / counts.sum() - mix.weights.double()).abs()
+    return Score(statistics.mean(sw2(x, ref) for x in draws), statistics.mean(off), float(error.mean()),
+                 float(error.max()), min(fewest))
+
+
+def one_step_draws(method, network, num: int, seeds: list[int]) -> list[torch.Tensor]:
+    """``num`` one-step samples of the student ``network`` per seed, with the method's own sampler."""
+    student = method.student_denoiser(network)
+    return [generate(student, method.teacher.sample_shape, num, sampler=method.student_sampler,
+                     timesteps=method.student_timesteps(1), seed=s) for s in seeds]
+
+
+def ode_draws(denoiser, shape: tuple[int, ...], num: int, seeds: list[int]) -> list[torch.Tensor]:
+    """``num`` samples of ``denoiser``'s 100-step Heun ODE per seed."""
+    return [generate(denoiser, shape, num, sampler="heun", num_steps=100, seed=s) for s in seeds]
 
 
 def regression_reference(method, steps: int = 20000, pairs: int = 400000, seed: int = 0):
     """A copy of the students' starting network fitted by MSE onto (noise, exact 100-step Heun ODE sample)
     pairs (DMD's :func:`~diffdistill.trainers.dmd.make_pairs`) at the student's one time step; returned as
-    a student denoiser."""
+    the network."""
     data = make_pairs(method.teacher, pairs, "heun", 100, seed)
     noise, target = data["noise"], data["images"]
     gen = torch.Generator().manual_seed(seed)
@@ -84,86 +118,88 @@ def regression_reference(method, steps: int = 20000, pairs: int = 400000, seed: 
         loss.backward()
         opt.step()
         decay.step()
-    network.eval().requires_grad_(False)
-    return student
+    return network.eval().requires_grad_(False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(str(p) for p in sorted((REPO / "configs/toy").glob("*.yaml"))))
+    parser.add_argument("--score-runs", help="comma-separated run directories (made by `diffdistill distill`) to "
+                                             "score instead of training --configs")
+    parser.add_argument("--raw", action="store_true", help="--score-runs: the raw weights instead of the EMA")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--num", type=int, default=100000)
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, one run each")
-    parser.add_argument("--sample-seeds", default="1,2,3,4,5", help="sampling seeds every SW2 is averaged over")
+    parser.add_argument("--sample-seeds", default="1,2,3,4,5", help="sampling seeds every figure is taken over")
     parser.add_argument("--runs", default="runs/bench_toy")
     parser.add_argument("--regression-reference", action="store_true",
                         help="also fit the student network by regression onto exact ODE pairs (about 6 min)")
     parser.add_argument("--regression-steps", type=int, default=20000)
     parser.add_argument("overrides", nargs="*", help="key=value applied to every config")
     args = parser.parse_args()
-    rows, teacher_row = [], None
     seeds = [int(s) for s in args.seeds.split(",")]
     sample_seeds = [int(s) for s in args.sample_seeds.split(",")]
-    for path, seed in ((p, s) for p in args.configs.split(",") for s in seeds):
-        cfg = load_distill_config(path, [*args.overrides, "train.sample_every=0", f"train.seed={seed}"])
-        fit_toy_network(cfg.teacher.split(":", 1)[1])  # fitted once per process, outside the timed training
-        start = time.perf_counter()
-        trainer = Trainer(cfg, Path(args.runs) / f"{Path(path).stem}_seed{seed}", max_steps=args.max_steps, progress=False)
-        trainer.run()
-        seconds = time.perf_counter() - start
-        m = trainer.method
-        mix = mixture(cfg.data.mixture)
+    rows, refs = [], None
+
+    def references(m) -> dict[str, Score]:
+        """The reference rows, scored once against the first run's method (they do not depend on the run)."""
+        mix, shape = mixture(m.cfg.data.mixture), m.teacher.sample_shape
         ref = mix.sample(200000, generator=torch.Generator().manual_seed(123))[0]
+        out = {"exact teacher, 100 Heun steps": score(ode_draws(m.teacher.denoiser, shape, args.num, sample_seeds), mix, ref),
+               "fresh exact samples (the estimator's floor)":
+                   score([mix.sample(args.num, generator=torch.Generator().manual_seed(s))[0] for s in sample_seeds], mix, ref),
+               "fitted MLP (students' and critics' start), 100 Heun steps":
+                   score(ode_draws(m.like_teacher(m.teacher.network), shape, args.num, sample_seeds), mix, ref)}
+        if args.regression_reference:
+            regressed = regression_reference(m, steps=args.regression_steps)
+            out[f"fitted MLP regressed onto exact ODE pairs ({args.regression_steps} steps; not a method), 1 step"] = \
+                score(one_step_draws(m, regressed, args.num, sample_seeds), mix, ref)
+        for name, value in out.items():
+            print(f"{name}: {value}", flush=True)
+        return out | {"_ref": ref, "_mix": mix}
 
-        def scored(draw) -> tuple[float, float, int]:
-            """Mean SW2 over the sampling seeds; mode figures of the first seed's draw."""
-            draws = [draw(s) for s in sample_seeds]
-            return (statistics.mean(sw2(x, ref) for x in draws), *modes(draws[0], mix))
-
-        if teacher_row is None:
-            teacher_row = scored(lambda s: generate(m.teacher.denoiser, (mix.dim,), args.num, sampler="heun",
-                                                    num_steps=100, seed=s))
-            floor = statistics.mean(sw2(mix.sample(args.num, generator=torch.Generator().manual_seed(s))[0], ref)
-                                    for s in sample_seeds)
-            fitted = m.like_teacher(m.teacher.network)
-            fitted_row = scored(lambda s: generate(fitted, (mix.dim,), args.num, sampler="heun", num_steps=100, seed=s))
-            print(f"exact teacher, 100 Heun steps: SW2 {teacher_row[0]:.4f}; fitted MLP, 100 Heun steps: SW2 "
-                  f"{fitted_row[0]:.4f}; exact samples {floor:.4f}", flush=True)
-            regressed_row = None
-            if args.regression_reference:
-                regressed = regression_reference(m, steps=args.regression_steps)
-                regressed_row = scored(lambda s: generate(regressed, (mix.dim,), args.num, sampler=m.student_sampler,
-                                                          timesteps=m.student_timesteps(1), seed=s))
-                print(f"regressed onto exact ODE pairs, 1 step: SW2 {regressed_row[0]:.4f}", flush=True)
-        student = m.student_denoiser(trainer.ema[cfg.train.ema_decays[0]])
-        result = scored(lambda s: generate(student, (mix.dim,), args.num, sampler=m.student_sampler,
-                                           timesteps=m.student_timesteps(1), seed=s))
-        rows.append((Path(path).stem, seed, cfg.method, trainer.step, seconds, *result))
-        print(rows[-1], flush=True)
-    t_sw2, t_near, t_min = teacher_row
+    if args.score_runs:
+        for run_dir in args.score_runs.split(","):
+            run = SavedRun(run_dir)
+            refs = refs or references(run.method)
+            network, weights = run.student_network(ema=not args.raw)
+            draws = one_step_draws(run.method, network, args.num, sample_seeds)
+            rows.append((Path(run_dir).name, run.cfg.train.seed, run.cfg.method, run.step, None,
+                         score(draws, refs["_mix"], refs["_ref"])))
+            print(rows[-1], f"({weights} weights)", flush=True)
+    else:
+        for path, seed in ((p, s) for p in args.configs.split(",") for s in seeds):
+            cfg = load_distill_config(path, [*args.overrides, "train.sample_every=0", f"train.seed={seed}"])
+            fit_toy_network(cfg.teacher.split(":", 1)[1])  # fitted once per process, outside the timed training
+            start = time.perf_counter()
+            trainer = Trainer(cfg, Path(args.runs) / f"{Path(path).stem}_seed{seed}", max_steps=args.max_steps,
+                              progress=False)
+            trainer.run()
+            seconds = time.perf_counter() - start
+            refs = refs or references(trainer.method)
+            draws = one_step_draws(trainer.method, trainer.ema[cfg.train.ema_decays[0]], args.num, sample_seeds)
+            rows.append((Path(path).stem, seed, cfg.method, trainer.step, seconds,
+                         score(draws, refs["_mix"], refs["_ref"])))
+            print(rows[-1], flush=True)
+    exact = refs["exact teacher, 100 Heun steps"]
     print()
-    print("| config | seed | method | steps | train time | SW2 1 step | exact ODE SW2 (100 Heun) | ratio | near a mode "
-          "| fewest per mode |")
+    print("| run | seed | method | steps | train time | SW2 1 step | × the exact ODE | off-mode | mean / max "
+          "\\|w − w_k\\| | fewest per mode |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, seed, method, steps, seconds, s, near, least in rows:
-        print(f"| {name} | {seed} | {method} | {steps} | {seconds:.0f} s | {s:.4f} | {t_sw2:.4f} | {s / t_sw2:.2f} | "
-              f"{near:.1%} (exact {t_near:.1%}) | {least} (exact {t_min}) |")
-    f_sw2, f_near, f_min = fitted_row
-    print(f"| fitted MLP (students' and critics' start), 100 Heun steps | — | — | — | — | {f_sw2:.4f} | {t_sw2:.4f} | "
-          f"{f_sw2 / t_sw2:.2f} | {f_near:.1%} (exact {t_near:.1%}) | {f_min} (exact {t_min}) |")
-    if regressed_row is not None:
-        r_sw2, r_near, r_min = regressed_row
-        print(f"| fitted MLP regressed onto exact ODE pairs (not a distillation method), 1 step | — | — | "
-              f"{args.regression_steps} | — | "
-              f"{r_sw2:.4f} | {t_sw2:.4f} | {r_sw2 / t_sw2:.2f} | {r_near:.1%} (exact {t_near:.1%}) | {r_min} "
-              f"(exact {t_min}) |")
-    print(f"\n{args.num} samples each vs 200000 exact mixture samples; sliced W2 with 256 projections, the mean "
-          f"over sampling seeds {args.sample_seeds} (mode figures: seed {sample_seeds[0]}); {args.num} fresh exact "
-          f"samples score {floor:.4f} (the estimator's floor).")
+    for name, seed, method, steps, seconds, result in rows:
+        took = "—" if seconds is None else f"{seconds:.0f} s"
+        print(f"| {name} | {seed} | {method} | {steps} | {took} | {result.cells(exact)} |")
+    for name, result in refs.items():
+        if not name.startswith("_"):
+            print(f"| {name} | — | — | — | — | {result.cells(exact)} |")
+    print(f"\n{args.num} samples per draw vs 200000 exact mixture samples, one draw per sampling seed "
+          f"{args.sample_seeds}; SW2 with 256 projections and the off-mode share (more than 3 std from every mode) "
+          f"are means over the draws; the nearest-mode weights pool the draws; fewest per mode: the smallest "
+          f"count within 3 std of a mode in any draw.")
     for name in dict.fromkeys(r[0] for r in rows):
-        ratios = [r[5] / t_sw2 for r in rows if r[0] == name]
-        print(f"{name}: median ratio over seeds {', '.join(map(str, seeds))}: {statistics.median(ratios):.2f} "
-              f"(range {min(ratios):.2f}–{max(ratios):.2f})")
+        ratios = [r[5].sw2 / exact.sw2 for r in rows if r[0] == name]
+        print(f"{name}: median ratio over seeds {', '.join(str(r[1]) for r in rows if r[0] == name)}: "
+              f"{statistics.median(ratios):.2f} (range {min(ratios):.2f}–{max(ratios):.2f})")
 
 
 if __name__ == "__main__":
