@@ -11,7 +11,7 @@ timesteps ``diffdistill eval`` uses; the last column is the K-step FID) and of a
 outputs (``num / K`` of each, drawn at random), each the mean ± std over ``--seeds``, with improved precision
 and recall (k = 3, the same features). A mixture far below every one of its parts is the signature of a
 critic that fits the mixture; recall falling step by step while precision holds, of steps that drop
-variety (README, "4-step student").
+variety (docs/results.md, "4-step student").
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ samples per ``--sample-seeds`` entry (1 step):
   draws, and its ratio to the exact teacher's own 100-step Heun ODE samples scored the same way. Goal
   (issue 4): ratio ≤ 1.1 and every mode covered. At 100 000 samples one draw of the exact ODE moves by
   0.004–0.007 with the seed, a quarter to a third of its value, mostly with how the draw's mode counts
-  scatter, hence the mean over draws (README, "Analytic Gaussian mixture");
+  scatter, hence the mean over draws (docs/results.md, "Analytic Gaussian mixture");
 - the off-mode share: samples more than 3 standard deviations from every mode (on the "bridges" a one-step
   map leaves between modes; the exact ODE has about 1 %), the mean over the draws;
 - the nearest-mode weights against the mixture's, mean and largest error in percentage points over the
@@ -24,11 +24,11 @@ samples per ``--sample-seeds`` entry (1 step):
 
 Reference rows: the exact ODE, fresh exact samples (the estimator's floor) and the same ODE on the MLP that
 students and critics start from (:func:`diffdistill.toy.fit_toy_network`): how well that network class
-represents the mixture as an ODE; a reference, not a bound (README). ``--regression-reference`` adds the
+represents the mixture as an ODE; a reference, not a bound (docs/results.md). ``--regression-reference`` adds the
 students' network, started from the same fitted MLP, trained by plain regression (MSE) onto pairs of noise
 and the exact teacher's 100-step Heun ODE sample from it (400 000 pairs, 20 000 Adam steps, about 6 min on
 one core), then sampled in one step like a student: whether the network class can represent the one-step
-map at all (0.96x the exact ODE on ring8, README).
+map at all (0.96x the exact ODE on ring8, docs/results.md).
 """
 
 from __future__ import annotations

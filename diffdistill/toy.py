@@ -118,7 +118,7 @@ class ResidualToyMLPDenoiser(ToyMLPDenoiser):
 NETWORK = {"hidden": 256, "depth": 4}
 #: optimizer steps of :func:`fit_toy_network` when a run loads ``analytic:NAME`` (about 2.5 min on one core).
 #: On ring8 the fitted MLP's 100-step Heun ODE scores SW2 1.10x the exact ODE's at 20 000 steps and 2.38x at
-#: 3000 (means over five draws); DMD2 students started from it reach 1.46-1.47x instead of 1.59-2.20x (README).
+#: 3000 (means over five draws); DMD2 students started from it reach 1.46-1.47x instead of 1.59-2.20x (docs/results.md).
 FIT_STEPS = 20000
 
 

@@ -402,7 +402,7 @@ def test_exact_residual_critic_starts_as_the_analytic_teacher_and_trains_its_cor
 
 def test_toy_dmd_config_is_the_dmd2_config_plus_the_regression_on_exact_ode_pairs(tmp_path, monkeypatch):
     """``configs/toy/dmd.yaml`` differs from ``configs/toy/dmd2.yaml`` by the method, its regression section
-    and DMD2's GAN head, which DMD does not have (the README compares the two as "DMD2 plus DMD's regression
+    and DMD2's GAN head, which DMD does not have (docs/results.md compares the two as "DMD2 plus DMD's regression
     loss"); its pairs are the exact teacher's Heun ODE map of their noise, and one training step has a finite
     regression term."""
     from diffdistill import toy

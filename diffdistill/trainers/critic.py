@@ -19,7 +19,7 @@ copies the MLP fitted to the mixture that students start from, so the critic sta
 that fit's error (which nothing in the DMD gradient cancels); ``"exact_residual"`` is the exact denoiser plus a
 learned correction that starts at zero (:class:`~diffdistill.toy.ResidualToyMLP`), so the critic starts as the
 teacher exactly, as a copy of a real teacher does. On ring8 DMD2 with it scored 1.61× the exact ODE's SW2
-against 1.47× from ``"teacher"`` (20 000 updates, README "Analytic Gaussian mixture"), so it is not the default.
+against 1.47× from ``"teacher"`` (20 000 updates, docs/results.md "Analytic Gaussian mixture"), so it is not the default.
 
 For a K-step student, ``per_step`` is a switch too. DMD2's code trains one critic on the outputs of all K
 steps, so the critic models their *mixture*, and each step's generator gradient corrects the mixture
