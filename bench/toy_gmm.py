@@ -22,9 +22,10 @@ samples per ``--sample-seeds`` entry (1 step):
 - the fewest samples any mode received within 3 standard deviations, in any draw (mode coverage);
 - the training wall time.
 
-Reference rows: the exact ODE, fresh exact samples (the estimator's floor) and the same ODE on the MLP that
-students and critics start from (:func:`diffdistill.toy.fit_toy_network`): how well that network class
-represents the mixture as an ODE; a reference, not a bound (docs/results.md). ``--regression-reference`` adds the
+Reference rows: the exact ODE and fresh exact samples (the estimator's floor). ``--fitted-reference`` adds the
+same ODE on the MLP that students and critics start from (:func:`diffdistill.toy.fit_toy_network`; about
+10 min): how well that network class represents the mixture as an ODE (1.10x the exact ODE); a reference,
+not a bound (docs/results.md). ``--regression-reference`` adds the
 students' network, started from the same fitted MLP, trained by plain regression (MSE) onto pairs of noise
 and the exact teacher's 100-step Heun ODE sample from it (400 000 pairs, 20 000 Adam steps, about 6 min on
 one core), then sampled in one step like a student: whether the network class can represent the one-step
@@ -132,6 +133,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, one run each")
     parser.add_argument("--sample-seeds", default="1,2,3,4,5", help="sampling seeds every figure is taken over")
     parser.add_argument("--runs", default="runs/bench_toy")
+    parser.add_argument("--fitted-reference", action="store_true",
+                        help="also run the 100-step ODE on the fitted MLP students start from (about 10 min)")
     parser.add_argument("--regression-reference", action="store_true",
                         help="also fit the student network by regression onto exact ODE pairs (about 6 min)")
     parser.add_argument("--regression-steps", type=int, default=20000)
@@ -147,9 +150,10 @@ def main() -> None:
         ref = mix.sample(200000, generator=torch.Generator().manual_seed(123))[0]
         out = {"exact teacher, 100 Heun steps": score(ode_draws(m.teacher.denoiser, shape, args.num, sample_seeds), mix, ref),
                "fresh exact samples (the estimator's floor)":
-                   score([mix.sample(args.num, generator=torch.Generator().manual_seed(s))[0] for s in sample_seeds], mix, ref),
-               "fitted MLP (students' and critics' start), 100 Heun steps":
-                   score(ode_draws(m.like_teacher(m.teacher.network), shape, args.num, sample_seeds), mix, ref)}
+                   score([mix.sample(args.num, generator=torch.Generator().manual_seed(s))[0] for s in sample_seeds], mix, ref)}
+        if args.fitted_reference:
+            out["fitted MLP (students' and critics' start), 100 Heun steps"] = \
+                score(ode_draws(m.like_teacher(m.teacher.network), shape, args.num, sample_seeds), mix, ref)
         if args.regression_reference:
             regressed = regression_reference(m, steps=args.regression_steps)
             out[f"fitted MLP regressed onto exact ODE pairs ({args.regression_steps} steps; not a method), 1 step"] = \
