@@ -69,6 +69,7 @@ class Score:
     weight_error: float   # mean over modes of |nearest-mode share - component weight|, draws pooled
     weight_error_max: float
     fewest: int           # the smallest count any mode got within 3 std, over all draws
+    deviation: tuple[float, ...] = ()  # per mode: nearest-mode share - component weight, draws pooled
 
     def cells(self, exact: "Score") -> str:
         return (f"{self.sw2:.4f} | {self.sw2 / exact.sw2:.2f} | {self.off_mode:.1%} | "
@@ -84,9 +85,9 @@ def score(draws: list[torch.Tensor], mix, ref: torch.Tensor) -> Score:
         off.append(1.0 - float(near.double().mean()))
         fewest.append(int(torch.bincount(nearest[near], minlength=mix.num_components).min()))
         counts += torch.bincount(nearest, minlength=mix.num_components).double()
-    error = (counts / counts.sum() - mix.weights.double()).abs()
-    return Score(statistics.mean(sw2(x, ref) for x in draws), statistics.mean(off), float(error.mean()),
-                 float(error.max()), min(fewest))
+    deviation = counts / counts.sum() - mix.weights.double()
+    return Score(statistics.mean(sw2(x, ref) for x in draws), statistics.mean(off), float(deviation.abs().mean()),
+                 float(deviation.abs().max()), min(fewest), tuple(round(float(d), 5) for d in deviation))
 
 
 def one_step_draws(method, network, num: int, seeds: list[int]) -> list[torch.Tensor]:
