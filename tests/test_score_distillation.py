@@ -427,3 +427,28 @@ def test_toy_dmd_config_is_the_dmd2_config_plus_the_regression_on_exact_ode_pair
     torch.testing.assert_close(ode.float(), pairs["images"])
     terms = trainer.train_step()
     assert terms["generator/regression"] > 0 and all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+
+
+def test_toy_bench_scores_mode_weights_and_subsamples_to_them(monkeypatch):
+    """bench/toy_gmm.py's figures on a draw built by hand: 3/4 of it at mode 0 and 1/4 at mode 1 of an even
+    2-mode mixture; the weight errors are ±1/4, nothing is off-mode, and the subsample at the mixture's
+    weights keeps every point of the scarce mode and as many of the other."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("toy_gmm_bench", Path(__file__).parent.parent / "bench/toy_gmm.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclass looks its module up there
+    spec.loader.exec_module(bench)
+    mix = GaussianMixture([0.5, 0.5], [[-4.0, 0.0], [4.0, 0.0]], torch.eye(2).expand(2, 2, 2) * 0.01)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([mix.means[0] + 0.03 * torch.randn(300, 2, generator=gen, dtype=torch.float64),
+                   mix.means[1] + 0.03 * torch.randn(100, 2, generator=gen, dtype=torch.float64)]).float()
+    nearest = torch.cdist(x.double(), mix.means).argmin(1)
+    sub = bench.at_mixture_weights(x, nearest, mix.weights)
+    assert torch.equal(torch.bincount(torch.cdist(sub.double(), mix.means).argmin(1)), torch.tensor([100, 100]))
+    ref = mix.sample(400, generator=gen)[0].float()
+    result = bench.score([x], mix, ref)
+    assert result.deviation == (0.25, -0.25) and result.weight_error == pytest.approx(0.25)
+    assert result.off_mode == 0.0 and result.fewest == 100
+    assert result.sw2_at_weights < result.sw2  # the draw's excess is its weights
