@@ -195,7 +195,7 @@ def main() -> None:
     else:
         for path, seed in ((p, s) for p in args.configs.split(",") for s in seeds):
             cfg = load_distill_config(path, [*args.overrides, "train.sample_every=0", f"train.seed={seed}"])
-            fit_toy_network(cfg.teacher.split(":", 1)[1])  # fitted once per process, outside the timed training
+            fit_toy_network(cfg.teacher.split(":", 1)[1])  # fitted (or loaded from the cache) outside the timed training
             start = time.perf_counter()
             trainer = Trainer(cfg, Path(args.runs) / f"{Path(path).stem}_seed{seed}", max_steps=args.max_steps,
                               progress=False)

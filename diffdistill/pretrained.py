@@ -11,6 +11,7 @@ from safetensors files.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -35,6 +36,11 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # owner/name[@
 def cycled(items: Sequence[Any], num: int) -> list[Any]:
     """``num`` items: ``items`` repeated in order (item ``i`` is ``items[i % len(items)]``)."""
     return [items[i % len(items)] for i in range(num)]
+
+
+def cache_root() -> Path:
+    """Where diffdistill caches what it computes once (``$DIFFDISTILL_CACHE``, else ``~/.cache/diffdistill``)."""
+    return Path(os.environ.get("DIFFDISTILL_CACHE") or Path.home() / ".cache" / "diffdistill")
 
 
 def shipped_teacher_path() -> Path:

@@ -3,7 +3,8 @@
 Every method runs on them through the normal loop, so its result can be compared with the exact
 distribution (sliced Wasserstein-2, mode coverage). Students and critics need a network to start from,
 as they start from a real teacher's network elsewhere: :func:`fit_toy_network` fits a small MLP
-(:class:`ToyMLP`, v-prediction) to the exact mixture by denoising score matching, once per process.
+(:class:`ToyMLP`, v-prediction) to the exact mixture by denoising score matching, once per machine
+(kept under ``$DIFFDISTILL_CACHE/toy``, see :func:`fit_cache_path`).
 The exact denoiser remains the teacher every loss queries.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -125,13 +127,41 @@ FIT_STEPS = 20000
 def fit_toy_network(name: str, steps: int | None = None, batch_size: int = 512, seed: int = 0) -> ToyMLP:
     """A :class:`ToyMLP` fitted to mixture ``name`` by v-prediction score matching on exact samples, for
     ``steps`` optimizer steps (default :data:`FIT_STEPS`, read at call time). Cached per process on the
-    resolved arguments, so every spelling of the same fit (``f(name)``, ``f(name, FIT_STEPS)``) shares one."""
+    resolved arguments, so every spelling of the same fit (``f(name)``, ``f(name, FIT_STEPS)``) shares one,
+    and on disk (:func:`fit_cache_path`), so a later process loads it instead of fitting again (about 2.5
+    min on one core at the default)."""
     return _fit_toy_network(name, FIT_STEPS if steps is None else steps, batch_size, seed)
+
+
+def fit_cache_path(name: str, steps: int, batch_size: int, seed: int) -> Path:
+    """Where :func:`fit_toy_network` keeps a fit between processes: ``$DIFFDISTILL_CACHE/toy/`` (default
+    ``~/.cache/diffdistill/toy/``), named by everything the fit depends on (mixture, steps, batch, seed,
+    network size, torch version). Delete the file to fit again."""
+    from .pretrained import cache_root
+
+    size = "-".join(f"{k}{v}" for k, v in sorted(NETWORK.items()))
+    return cache_root() / "toy" / f"{name}-fit{steps}-batch{batch_size}-seed{seed}-{size}-torch{torch.__version__}.safetensors"
 
 
 @functools.lru_cache(maxsize=4)
 def _fit_toy_network(name: str, steps: int, batch_size: int, seed: int) -> ToyMLP:
-    mix, schedule = mixture(name), VPSchedule.from_scheduler_config(TOY_SCHEDULER_CONFIG)
+    from safetensors.torch import load_file, save_file
+
+    mix, path = mixture(name), fit_cache_path(name, steps, batch_size, seed)
+    if path.is_file():
+        net = ToyMLP(dim=mix.dim, **NETWORK)
+        net.load_state_dict(load_file(path))
+        return net.eval().requires_grad_(False)
+    net = _fit(mix, steps, batch_size, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return net
+
+
+def _fit(mix: GaussianMixture, steps: int, batch_size: int, seed: int) -> ToyMLP:
+    schedule = VPSchedule.from_scheduler_config(TOY_SCHEDULER_CONFIG)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

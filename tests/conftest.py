@@ -10,6 +10,15 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to a busy second core
 
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache(tmp_path_factory):
+    """What the package caches on disk (reference statistics, toy fits) goes to a folder of this session's,
+    never the user's ~/.cache; subprocesses inherit it."""
+    os.environ["DIFFDISTILL_CACHE"] = str(tmp_path_factory.mktemp("diffdistill_cache"))
+
+
 SCHEDULER_CONFIGS = {
     "linear": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
     "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},

@@ -342,6 +342,29 @@ def test_toy_network_fit_is_shared_however_it_is_called(monkeypatch):
     assert toy.fit_toy_network("ring8", 8) is not net
 
 
+def test_toy_network_fit_is_kept_on_disk(monkeypatch, tmp_path):
+    """A later process loads the fit from ``$DIFFDISTILL_CACHE/toy`` instead of fitting again: same weights,
+    no fitting; another step count is another file."""
+    from diffdistill import toy
+
+    monkeypatch.setenv("DIFFDISTILL_CACHE", str(tmp_path))
+    monkeypatch.setattr(toy, "FIT_STEPS", 6)
+    fitted = toy.fit_toy_network("ring8")
+    assert toy.fit_cache_path("ring8", 6, 512, 0).is_file()
+    toy._fit_toy_network.cache_clear()  # a new process
+
+    def no_fit(*args):
+        raise AssertionError("fitted again despite the cached file")
+
+    monkeypatch.setattr(toy, "_fit", no_fit)
+    loaded = toy.fit_toy_network("ring8")
+    assert loaded is not fitted and not any(p.requires_grad for p in loaded.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(fitted.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(AssertionError, match="fitted again"):
+        toy.fit_toy_network("ring8", 7)
+    toy._fit_toy_network.cache_clear()
+
+
 @pytest.mark.parametrize("inputs", ["backward_simulation", "noised_data"])
 def test_student_inputs_switch(inputs, tiny_teacher_dir, tmp_path, monkeypatch):
     """Training the last of K = 4 student steps: backward simulation runs the student's own chain from noise

@@ -23,14 +23,14 @@ from tqdm.auto import tqdm
 
 from ..config import to_dict
 from ..data import DataConfig, build_dataset
+from ..pretrained import cache_root
 from .features import FeatureExtractor
 from .frechet import feature_statistics
 
 
 def cache_dir() -> Path:
     """Where reference statistics live (``$DIFFDISTILL_CACHE/reference``, else ``~/.cache/diffdistill/reference``)."""
-    root = os.environ.get("DIFFDISTILL_CACHE") or Path.home() / ".cache" / "diffdistill"
-    return Path(root) / "reference"
+    return cache_root() / "reference"
 
 
 @dataclass
