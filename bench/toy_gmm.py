@@ -24,7 +24,8 @@ samples per ``--sample-seeds`` entry (1 step):
 - the fewest samples any mode received within 3 standard deviations, in any draw (mode coverage);
 - the training wall time.
 
-Reference rows: the exact ODE and fresh exact samples (the estimator's floor). ``--fitted-reference`` adds the
+Reference rows: the exact ODE (its draws kept under ``$DIFFDISTILL_CACHE/toy`` after the first run) and
+fresh exact samples (the estimator's floor). ``--fitted-reference`` adds the
 same ODE on the MLP that students and critics start from (:func:`diffdistill.toy.fit_toy_network`; about
 10 min): how well that network class represents the mixture as an ODE (1.10x the exact ODE); a reference,
 not a bound (docs/results.md). ``--regression-reference`` adds the
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -50,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from diffdistill.eval.sliced_wasserstein import sliced_wasserstein2  # noqa: E402
+from diffdistill.pretrained import cache_root  # noqa: E402
 from diffdistill.samplers import generate  # noqa: E402
 from diffdistill.toy import fit_toy_network, mixture  # noqa: E402
 from diffdistill.trainers.dmd import make_pairs  # noqa: E402
@@ -122,6 +125,26 @@ def ode_draws(denoiser, shape: tuple[int, ...], num: int, seeds: list[int]) -> l
     return [generate(denoiser, shape, num, sampler="heun", num_steps=100, seed=s) for s in seeds]
 
 
+def exact_ode_draws(method, num: int, seeds: list[int]) -> list[torch.Tensor]:
+    """:func:`ode_draws` of the exact (analytic) teacher, kept on disk per seed under
+    ``$DIFFDISTILL_CACHE/toy`` (about 2-4 min a draw to make; they depend only on the mixture, the count,
+    the seed and torch)."""
+    from safetensors.torch import load_file, save_file
+
+    name, shape, draws = method.cfg.teacher.split(":", 1)[1], method.teacher.sample_shape, []
+    for s in seeds:
+        path = cache_root() / "toy" / f"{name}-exact-heun100-num{num}-seed{s}-torch{torch.__version__}.safetensors"
+        if path.is_file():
+            draws.append(load_file(path)["samples"])
+            continue
+        draws.append(ode_draws(method.teacher.denoiser, shape, num, [s])[0])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"samples": draws[-1].contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    return draws
+
+
 def regression_reference(method, steps: int = 20000, pairs: int = 400000, seed: int = 0):
     """A copy of the students' starting network fitted by MSE onto (noise, exact 100-step Heun ODE sample)
     pairs (DMD's :func:`~diffdistill.trainers.dmd.make_pairs`) at the student's one time step; returned as
@@ -169,7 +192,7 @@ def main() -> None:
         """The reference rows, scored once against the first run's method (they do not depend on the run)."""
         mix, shape = mixture(m.cfg.data.mixture), m.teacher.sample_shape
         ref = mix.sample(200000, generator=torch.Generator().manual_seed(123))[0]
-        out = {"exact teacher, 100 Heun steps": score(ode_draws(m.teacher.denoiser, shape, args.num, sample_seeds), mix, ref),
+        out = {"exact teacher, 100 Heun steps": score(exact_ode_draws(m, args.num, sample_seeds), mix, ref),
                "fresh exact samples (the estimator's floor)":
                    score([mix.sample(args.num, generator=torch.Generator().manual_seed(s))[0] for s in sample_seeds], mix, ref)}
         if args.fitted_reference:
