@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
@@ -52,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from diffdistill.eval.sliced_wasserstein import sliced_wasserstein2  # noqa: E402
-from diffdistill.pretrained import cache_root  # noqa: E402
+from diffdistill.pretrained import cache_root, cached_tensors  # noqa: E402
 from diffdistill.samplers import generate  # noqa: E402
 from diffdistill.toy import fit_toy_network, mixture  # noqa: E402
 from diffdistill.trainers.dmd import make_pairs  # noqa: E402
@@ -129,20 +128,10 @@ def exact_ode_draws(method, num: int, seeds: list[int]) -> list[torch.Tensor]:
     """:func:`ode_draws` of the exact (analytic) teacher, kept on disk per seed under
     ``$DIFFDISTILL_CACHE/toy`` (about 2-4 min a draw to make; they depend only on the mixture, the count,
     the seed and torch)."""
-    from safetensors.torch import load_file, save_file
-
-    name, shape, draws = method.cfg.teacher.split(":", 1)[1], method.teacher.sample_shape, []
-    for s in seeds:
-        path = cache_root() / "toy" / f"{name}-exact-heun100-num{num}-seed{s}-torch{torch.__version__}.safetensors"
-        if path.is_file():
-            draws.append(load_file(path)["samples"])
-            continue
-        draws.append(ode_draws(method.teacher.denoiser, shape, num, [s])[0])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"samples": draws[-1].contiguous()}, str(tmp))
-        os.replace(tmp, path)
-    return draws
+    name, shape = method.cfg.teacher.split(":", 1)[1], method.teacher.sample_shape
+    return [cached_tensors(cache_root() / "toy" / f"{name}-exact-heun100-num{num}-seed{s}-torch{torch.__version__}.safetensors",
+                           lambda s=s: {"samples": ode_draws(method.teacher.denoiser, shape, num, [s])[0]})["samples"]
+            for s in seeds]
 
 
 def regression_reference(method, steps: int = 20000, pairs: int = 400000, seed: int = 0):

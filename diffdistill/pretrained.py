@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +41,22 @@ def cycled(items: Sequence[Any], num: int) -> list[Any]:
 def cache_root() -> Path:
     """Where diffdistill caches what it computes once (``$DIFFDISTILL_CACHE``, else ``~/.cache/diffdistill``)."""
     return Path(os.environ.get("DIFFDISTILL_CACHE") or Path.home() / ".cache" / "diffdistill")
+
+
+def cached_tensors(path: Path, make: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The tensors in the safetensors file ``path``; when it is missing, ``make()``'s, written there first
+    (through a temporary file and a rename, so processes that race here never read a partial file)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    if path.is_file():
+        return load_file(path)
+    tensors = {k: v.detach().contiguous() for k, v in make().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    return tensors
 
 
 def shipped_teacher_path() -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -145,19 +144,14 @@ def fit_cache_path(name: str, steps: int, batch_size: int, seed: int) -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _fit_toy_network(name: str, steps: int, batch_size: int, seed: int) -> ToyMLP:
-    from safetensors.torch import load_file, save_file
+    from .pretrained import cached_tensors
 
-    mix, path = mixture(name), fit_cache_path(name, steps, batch_size, seed)
-    if path.is_file():
-        net = ToyMLP(dim=mix.dim, **NETWORK)
-        net.load_state_dict(load_file(path))
-        return net.eval().requires_grad_(False)
-    net = _fit(mix, steps, batch_size, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    return net
+    mix = mixture(name)
+    state = cached_tensors(fit_cache_path(name, steps, batch_size, seed),
+                           lambda: _fit(mix, steps, batch_size, seed).state_dict())
+    net = ToyMLP(dim=mix.dim, **NETWORK)
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False)
 
 
 def _fit(mix: GaussianMixture, steps: int, batch_size: int, seed: int) -> ToyMLP:

@@ -11,7 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to a busy second core
 
 
-
 @pytest.fixture(autouse=True, scope="session")
 def _session_cache(tmp_path_factory):
     """What the package caches on disk (reference statistics, toy fits) goes to a folder of this session's,

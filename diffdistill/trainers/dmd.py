@@ -11,7 +11,6 @@ wrote; made and cached there if missing) or, with ``dmd.pairs: null``, are made 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,6 +19,7 @@ import torch
 
 from ..config import option
 from ..denoiser import Conditioning
+from ..pretrained import cached_tensors
 from ..samplers import generate
 from .consistency import pseudo_huber, squared_l2
 from .distribution_matching import dmd_loss
@@ -57,17 +57,11 @@ def make_pairs(teacher, num: int, sampler: str, steps: int, seed: int) -> dict[s
 
 
 def load_or_make_pairs(teacher, args: DMDArgs) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file, save_file
+    """The pairs file ``args.pairs`` (made and written first when missing), or fresh pairs when it is unset."""
+    def make() -> dict[str, torch.Tensor]:
+        return make_pairs(teacher, args.num_pairs, args.pair_sampler, args.pair_steps, args.pair_seed)
 
-    if args.pairs and Path(args.pairs).is_file():
-        return load_file(args.pairs)
-    pairs = make_pairs(teacher, args.num_pairs, args.pair_sampler, args.pair_steps, args.pair_seed)
-    if args.pairs:
-        Path(args.pairs).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.pairs).with_suffix(f".{os.getpid()}.tmp")  # processes of one launch may race here
-        save_file(pairs, str(tmp))
-        tmp.replace(args.pairs)
-    return pairs
+    return cached_tensors(Path(args.pairs), make) if args.pairs else make()
 
 
 @register_method
