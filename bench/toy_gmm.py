@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--score-runs", help="comma-separated run directories (made by `diffdistill distill`) to "
                                              "score instead of training --configs")
     parser.add_argument("--raw", action="store_true", help="--score-runs: the raw weights instead of the EMA")
+    parser.add_argument("--ema-decay", type=float, help="--score-runs: this EMA copy (default: the run's first)")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--num", type=int, default=100000)
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, one run each")
@@ -199,7 +200,7 @@ def main() -> None:
         for run_dir in args.score_runs.split(","):
             run = SavedRun(run_dir)
             refs = refs or references(run.method)
-            network, weights = run.student_network(ema=not args.raw)
+            network, weights = run.student_network(False if args.raw else (args.ema_decay or True))
             draws = one_step_draws(run.method, network, args.num, sample_seeds)
             rows.append((Path(run_dir).name, run.cfg.train.seed, run.cfg.method, run.step, None,
                          score(draws, refs["_mix"], refs["_ref"])))

@@ -105,7 +105,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         from .trainers.saved_run import SavedRun
 
         run = SavedRun(args.run, args.checkpoint, device=device)
-        teacher, denoiser, sampler = run.method.teacher, run.student(not args.no_ema), run.method.student_sampler
+        teacher, denoiser, sampler = run.method.teacher, run.student(_ema_choice(args)), run.method.student_sampler
         num_steps = args.steps or run.default_steps
         timesteps = args.timesteps or run.method.student_timesteps(num_steps)
     else:
@@ -147,11 +147,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"{num} samples ({sampler}, {len(timesteps) if timesteps else num_steps} steps) -> {path}")
 
 
+def _ema_choice(args: argparse.Namespace) -> bool | float:
+    """``--no-ema`` / ``--ema-decay D`` as :meth:`SavedRun.student_network`'s ``ema``."""
+    if args.ema_decay is None:
+        return not args.no_ema
+    if args.no_ema:
+        raise ConfigError("--no-ema and --ema-decay contradict each other; pass one")
+    return args.ema_decay
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     """Write a run's student as a diffusers pipeline that plain diffusers loads and samples exactly."""
     from .export import export_run
 
-    info = export_run(args.run, args.output, ema=not args.no_ema, steps=args.steps, checkpoint=args.checkpoint,
+    info = export_run(args.run, args.output, ema=_ema_choice(args), steps=args.steps, checkpoint=args.checkpoint,
                       overwrite=args.overwrite, fuse=args.fuse)
     lora = info["lora"]
     what = ("LoRA adapter" + (" and fused pipeline" if lora["fused"] else "") if lora and lora["adapter"] else
@@ -248,7 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.steps == [0]:
         raise ConfigError("--steps must list step counts ≥ 1")
     teacher_steps = [] if args.teacher_steps == [0] else (args.teacher_steps or sorted({*args.steps, 50}))
-    kwargs = dict(teacher_sampler=args.sampler, teacher_spacing=args.spacing, ema=not args.no_ema,
+    kwargs = dict(teacher_sampler=args.sampler, teacher_spacing=args.spacing, ema=_ema_choice(args),
                   output=args.output, **common)
     if args.all_checkpoints:
         if args.guidance_scale is not None:
@@ -290,6 +299,8 @@ def _eval_parser(sub) -> None:
     p.add_argument("--checkpoint", help="evaluate this checkpoint (e.g. step_0000400) instead of the newest")
     p.add_argument("--all-checkpoints", action="store_true", help="sweep every checkpoint into one table")
     p.add_argument("--no-ema", action="store_true", help="the raw student weights instead of the first EMA copy")
+    p.add_argument("--ema-decay", type=float,
+                   help="which EMA copy, when the run keeps several (train.ema_decays; default: the first)")
     p.add_argument("--guidance-scale", type=float,
                    help="--run: the teacher's CFG scale and the scale a guidance-embedded (lcm) student samples at "
                         "(default: the run's; other students sample as trained)")
@@ -353,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="sample this distillation run's student instead (its own sampler and timesteps)")
     p.add_argument("--checkpoint", help="--run: this checkpoint (e.g. step_0000400) instead of the newest")
     p.add_argument("--no-ema", action="store_true", help="--run: the raw student weights, not the first EMA copy")
+    p.add_argument("--ema-decay", type=float, help="--run: which EMA copy, when the run keeps several "
+                   "(train.ema_decays; default: the first)")
     p.add_argument("--sampler", default="heun", help="ddim, euler, heun, dpmpp_2m, ode or sde (default: heun)")
     p.add_argument("--steps", type=int, help="number of sampling steps (default: 50; --run: the student's own)")
     p.add_argument("--spacing", help="timestep grid: trailing, leading, uniform or karras (default per sampler)")
@@ -398,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="export this checkpoint instead of the newest")
     p.add_argument("--ema", dest="no_ema", action="store_false", help="export the first EMA copy (default)")
     p.add_argument("--no-ema", dest="no_ema", action="store_true", help="export the raw student weights")
+    p.add_argument("--ema-decay", type=float,
+                   help="which EMA copy, when the run keeps several (train.ema_decays; default: the first)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     p.add_argument("--fuse", action="store_true", help="LoRA students: also write the full pipeline with the "
                    "adapter merged in (pipelines that cannot load adapters always get it)")

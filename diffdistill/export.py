@@ -119,7 +119,7 @@ def build_pipeline(run, cls, network, scheduler):
                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def export_run(run_dir: str | Path, output: str | Path, *, ema: bool = True, steps: int | None = None,
+def export_run(run_dir: str | Path, output: str | Path, *, ema: bool | float = True, steps: int | None = None,
                checkpoint: str | None = None, overwrite: bool = False, fuse: bool = False) -> dict[str, Any]:
     """Write ``run_dir``'s student as a diffusers pipeline into ``output`` (a LoRA student: its adapter,
     and with ``fuse`` or when the pipeline cannot load adapters, the fused pipeline); returns what was

@@ -219,6 +219,38 @@ def test_ema_average_restarts_its_rampup_with_each_round(tiny_teacher_dir, tmp_p
     assert resumed.ema_start == 7
 
 
+def test_each_kept_ema_copy_can_be_chosen_for_sample_eval_and_export(tiny_teacher_dir, tmp_path, capsys):
+    """A run keeping several EMA decays: ``ema=True`` is the first copy, a decay picks its own, ``False`` the
+    raw weights, an unkept decay is refused; the CLI's ``--ema-decay`` reaches the same weights."""
+    from diffdistill.trainers.saved_run import SavedRun
+
+    distill(pd_config(tiny_teacher_dir, "train.max_steps=6", "train.ema_rampup=0"), tmp_path / "run", progress=False)
+    run = SavedRun(tmp_path / "run")
+    stored = {k: load_file(run.checkpoint / f"{k}.safetensors") for k in ("ema_0.9", "ema_0.99", "student")}
+    for ema, stem in ((True, "ema_0.9"), (0.99, "ema_0.99"), (0.9, "ema_0.9"), (False, "student")):
+        network, weights = run.student_network(ema)
+        assert weights == stem
+        state = network.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in stored[stem].items())
+    assert not all(torch.equal(stored["ema_0.9"][k], v) for k, v in stored["ema_0.99"].items())
+    with pytest.raises(DiffDistillError, match="no EMA copy at decay 0.5.*0.9, 0.99"):
+        run.student_network(0.5)
+    images = {}
+    for flag in ([], ["--ema-decay", "0.9"], ["--ema-decay", "0.99"], ["--no-ema"]):
+        out = tmp_path / f"{len(images)}.safetensors"
+        assert main(["sample", "--run", str(tmp_path / "run"), *flag, "--num", "4", "--quiet",
+                     "--output", str(tmp_path / "g.png"), "--save-tensors", str(out)]) == 0
+        images[" ".join(flag)] = load_file(out)["images"]
+    assert torch.equal(images[""], images["--ema-decay 0.9"])  # the default is the first copy
+    assert not torch.equal(images["--ema-decay 0.9"], images["--ema-decay 0.99"])
+    assert not torch.equal(images["--ema-decay 0.99"], images["--no-ema"])
+    assert main(["sample", "--run", str(tmp_path / "run"), "--ema-decay", "0.9", "--no-ema", "--num", "4",
+                 "--quiet", "--output", str(tmp_path / "g.png")]) == 2
+    assert "contradict" in capsys.readouterr().err
+    assert main(["export", "--run", str(tmp_path / "run"), "--ema-decay", "0.5", "--output", str(tmp_path / "x")]) == 2
+    assert "keeps no EMA copy at decay 0.5" in capsys.readouterr().err
+
+
 class _Payload:
     """Unpickling this would run ``os.system``: a checkpoint must never get that far."""
 

@@ -48,7 +48,7 @@ def teacher_candidate(teacher: Pretrained, steps: Sequence[int], sampler: str, s
     return Candidate(label, teacher.denoiser, sampler, list(steps), spacing=spacing, info=info)
 
 
-def student_candidate(run, steps: Sequence[int], ema: bool, guidance_scale: float | None = None) -> Candidate:
+def student_candidate(run, steps: Sequence[int], ema: bool | float, guidance_scale: float | None = None) -> Candidate:
     """The loaded checkpoint's student (EMA or raw weights) with its own sampler and timesteps. A
     ``guidance_scale`` (standard ``w``) is given only to a student that takes it as an input (LCM's)."""
     network, weights = run.student_network(ema)
@@ -63,7 +63,7 @@ def student_candidate(run, steps: Sequence[int], ema: bool, guidance_scale: floa
 
 
 def evaluate_run(run_dir: str | Path, steps: Sequence[int], teacher_steps: Sequence[int], opts: EvalOptions, *,
-                 teacher_sampler: str = "ddim", teacher_spacing: str | None = None, ema: bool = True,
+                 teacher_sampler: str = "ddim", teacher_spacing: str | None = None, ema: bool | float = True,
                  checkpoint: str | None = None, features: str | None = None, feature_weights: str | None = None,
                  split: str = "train", refresh_reference: bool = False, output: str | Path | None = None,
                  prompts: Sequence[str] | None = None, clip: ClipScorer | None = None,
@@ -87,7 +87,7 @@ def evaluate_run(run_dir: str | Path, steps: Sequence[int], teacher_steps: Seque
 
 
 def sweep_checkpoints(run_dir: str | Path, steps: Sequence[int], teacher_steps: Sequence[int], opts: EvalOptions, *,
-                      teacher_sampler: str = "ddim", teacher_spacing: str | None = None, ema: bool = True,
+                      teacher_sampler: str = "ddim", teacher_spacing: str | None = None, ema: bool | float = True,
                       features: str | None = None, feature_weights: str | None = None, split: str = "train",
                       refresh_reference: bool = False, output: str | Path | None = None) -> dict:
     """Every checkpoint's student at ``steps`` (and the teacher once), as one table in ``checkpoint_sweep.json``;

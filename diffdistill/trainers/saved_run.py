@@ -62,18 +62,28 @@ class SavedRun:
         self.method.load_state_dict(state["method"])
         self.checkpoint, self.step = path, int(state["step"])
 
-    def student_network(self, ema: bool = True) -> tuple[nn.Module, str]:
-        """The student network with this checkpoint's weights, and which weights they are (``ema_0.999``
-        for the first EMA decay when ``ema`` and the run keeps EMA copies, else ``student``). The weights
-        are loaded in place into the method's one student module: a later call (or :meth:`load`) changes
-        what an earlier returned network holds."""
-        decays = self.cfg.train.ema_decays
-        stem = f"ema_{decays[0]:g}" if ema and decays else "student"
+    def student_network(self, ema: bool | float = True) -> tuple[nn.Module, str]:
+        """The student network with this checkpoint's weights, and which weights they are. ``ema``: True for
+        the first EMA copy (``ema_0.999`` for the first of ``train.ema_decays``; the raw ``student`` weights
+        when the run keeps none), False for the raw weights, or a decay to pick one of several EMA copies.
+        The weights are loaded in place into the method's one student module: a later call (or
+        :meth:`load`) changes what an earlier returned network holds."""
+        stem = self.weights_name(ema)
         network = self.method.trainable_roles()["student"]
         load_network_state(network, self.networks[stem], self.method.teacher.denoiser,
                            f"checkpoint {self.checkpoint}: '{stem}' weights")
         return network.eval(), stem
 
-    def student(self, ema: bool = True) -> Denoiser:
+    def weights_name(self, ema: bool | float = True) -> str:
+        """The checkpoint file stem :meth:`student_network` loads for ``ema``."""
+        decays = [float(d) for d in self.cfg.train.ema_decays]
+        if isinstance(ema, bool):
+            return f"ema_{decays[0]:g}" if ema and decays else "student"
+        if float(ema) not in decays:
+            raise DiffDistillError(f"run {self.run_dir} keeps no EMA copy at decay {float(ema):g}; it keeps "
+                                   f"{', '.join(f'{d:g}' for d in decays) or 'none'} (train.ema_decays)")
+        return f"ema_{float(ema):g}"
+
+    def student(self, ema: bool | float = True) -> Denoiser:
         """The student as a :class:`Denoiser` (see :meth:`student_network`)."""
         return self.method.student_denoiser(self.student_network(ema)[0])
