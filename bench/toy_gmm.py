@@ -57,7 +57,7 @@ from diffdistill.toy import fit_toy_network, mixture  # noqa: E402
 from diffdistill.trainers.dmd import make_pairs  # noqa: E402
 from diffdistill.trainers.loop import Trainer, lr_factor  # noqa: E402
 from diffdistill.trainers.method import OptimConfig, load_distill_config  # noqa: E402
-from diffdistill.trainers.saved_run import SavedRun  # noqa: E402
+from diffdistill.trainers.saved_run import SavedRun, ema_choice  # noqa: E402
 
 
 def sw2(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -129,7 +129,8 @@ def exact_ode_draws(method, num: int, seeds: list[int]) -> list[torch.Tensor]:
     ``$DIFFDISTILL_CACHE/toy`` (about 2-4 min a draw to make; they depend only on the mixture, the count,
     the seed and torch)."""
     name, shape = method.cfg.teacher.split(":", 1)[1], method.teacher.sample_shape
-    return [cached_tensors(cache_root() / "toy" / f"{name}-exact-heun100-num{num}-seed{s}-torch{torch.__version__}.safetensors",
+    folder = cache_root() / "toy"
+    return [cached_tensors(folder / f"{name}-exact-heun100-num{num}-seed{s}-torch{torch.__version__}.safetensors",
                            lambda s=s: {"samples": ode_draws(method.teacher.denoiser, shape, num, [s])[0]})["samples"]
             for s in seeds]
 
@@ -200,7 +201,7 @@ def main() -> None:
         for run_dir in args.score_runs.split(","):
             run = SavedRun(run_dir)
             refs = refs or references(run.method)
-            network, weights = run.student_network(False if args.raw else (args.ema_decay or True))
+            network, weights = run.student_network(ema_choice(args.raw, args.ema_decay))
             draws = one_step_draws(run.method, network, args.num, sample_seeds)
             rows.append((Path(run_dir).name, run.cfg.train.seed, run.cfg.method, run.step, None,
                          score(draws, refs["_mix"], refs["_ref"])))

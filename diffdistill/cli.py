@@ -102,10 +102,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     device = _device(args.device)
     if args.run:
-        from .trainers.saved_run import SavedRun
+        from .trainers.saved_run import SavedRun, ema_choice
 
         run = SavedRun(args.run, args.checkpoint, device=device)
-        teacher, denoiser, sampler = run.method.teacher, run.student(_ema_choice(args)), run.method.student_sampler
+        teacher, sampler = run.method.teacher, run.method.student_sampler
+        denoiser = run.student(ema_choice(args.no_ema, args.ema_decay))
         num_steps = args.steps or run.default_steps
         timesteps = args.timesteps or run.method.student_timesteps(num_steps)
     else:
@@ -147,21 +148,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"{num} samples ({sampler}, {len(timesteps) if timesteps else num_steps} steps) -> {path}")
 
 
-def _ema_choice(args: argparse.Namespace) -> bool | float:
-    """``--no-ema`` / ``--ema-decay D`` as :meth:`SavedRun.student_network`'s ``ema``."""
-    if args.ema_decay is None:
-        return not args.no_ema
-    if args.no_ema:
-        raise ConfigError("--no-ema and --ema-decay contradict each other; pass one")
-    return args.ema_decay
-
-
 def cmd_export(args: argparse.Namespace) -> None:
     """Write a run's student as a diffusers pipeline that plain diffusers loads and samples exactly."""
     from .export import export_run
+    from .trainers.saved_run import ema_choice
 
-    info = export_run(args.run, args.output, ema=_ema_choice(args), steps=args.steps, checkpoint=args.checkpoint,
-                      overwrite=args.overwrite, fuse=args.fuse)
+    info = export_run(args.run, args.output, ema=ema_choice(args.no_ema, args.ema_decay), steps=args.steps,
+                      checkpoint=args.checkpoint, overwrite=args.overwrite, fuse=args.fuse)
     lora = info["lora"]
     what = ("LoRA adapter" + (" and fused pipeline" if lora["fused"] else "") if lora and lora["adapter"] else
             "fused LoRA pipeline" if lora else "pipeline")
@@ -228,6 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.evaluate import METRICS_FILE, EvalOptions
     from .eval.jobs import SWEEP_FILE, evaluate_model, evaluate_run, sweep_checkpoints
     from .processes import current_processes
+    from .trainers.saved_run import ema_choice
 
     procs = current_processes()  # under `accelerate launch`: each process samples its share of every batch list
     device = _device(args.device)
@@ -257,7 +251,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.steps == [0]:
         raise ConfigError("--steps must list step counts ≥ 1")
     teacher_steps = [] if args.teacher_steps == [0] else (args.teacher_steps or sorted({*args.steps, 50}))
-    kwargs = dict(teacher_sampler=args.sampler, teacher_spacing=args.spacing, ema=_ema_choice(args),
+    kwargs = dict(teacher_sampler=args.sampler, teacher_spacing=args.spacing, ema=ema_choice(args.no_ema, args.ema_decay),
                   output=args.output, **common)
     if args.all_checkpoints:
         if args.guidance_scale is not None:

@@ -11,10 +11,19 @@ import torch
 from torch import nn
 
 from ..denoiser import Denoiser
-from ..errors import DiffDistillError
+from ..errors import ConfigError, DiffDistillError
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_network_state, verify_checkpoint
 from .loop import CONFIG_FILE, build_method
 from .method import DistillConfig, Method, load_distill_config
+
+
+def ema_choice(raw: bool, decay: float | None) -> bool | float:
+    """A command line's "raw weights" flag and ``--ema-decay`` as :meth:`SavedRun.student_network`'s ``ema``."""
+    if decay is None:
+        return not raw
+    if raw:
+        raise ConfigError("the raw weights and --ema-decay contradict each other; pass one")
+    return decay
 
 
 class SavedRun:
