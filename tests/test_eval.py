@@ -80,6 +80,33 @@ def test_precision_recall_closed_cases():
     assert precision_recall(real + 100, real) == (0.0, 0.0)
 
 
+@pytest.mark.parametrize("mixture_name", ["single", "ring8"])
+def test_sliced_wasserstein_to_a_mixture_matches_closed_forms(mixture_name):
+    """SW2 to the mixture itself: a translate by ``d`` of the mixture's own samples is ``sqrt(mean_θ (θ·d)²)``
+    away (each 1-D W2 of a translate is ``|θ·d|``), a single Gaussian scaled by ``a`` is ``|a − 1|·s`` away,
+    and the mixture's own samples are close (their scatter only)."""
+    from diffdistill.analytic import GaussianMixture
+    from diffdistill.eval.sliced_wasserstein import sliced_wasserstein2_to_mixture
+
+    mix = GaussianMixture([1.0], [[0.3, -0.2]], [0.25]) if mixture_name == "single" else GaussianMixture.ring()
+    gen = torch.Generator().manual_seed(0)
+    x = mix.sample(20000, generator=gen)[0].double()
+    d = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    theta = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    theta = theta / theta.norm(dim=1, keepdim=True)
+    expected = float((theta @ d).pow(2).mean().sqrt())
+
+    def sw(points):
+        return sliced_wasserstein2_to_mixture(points, mix, 64, torch.Generator().manual_seed(1), grid_size=50_000)
+
+    own = sw(x)
+    assert own < 0.05
+    assert sw(x + d) == pytest.approx(expected, rel=0.01)
+    if mixture_name == "single":
+        centre = mix.means[0]
+        assert sw((x - centre) * 1.2 + centre) == pytest.approx(0.2 * 0.5, abs=0.003)
+
+
 def test_digits_fid_real_vs_held_out_is_small_and_noise_is_large(capsys):
     extractor = DigitsFeatures()
     reference = load_reference(DataConfig(), extractor, split="train", progress=False)
