@@ -9,14 +9,19 @@ from __future__ import annotations
 import torch
 
 
+def _unit_directions(num_projections: int, dim: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``(num_projections, dim)`` directions uniform on the unit sphere (float64), drawn from ``generator``."""
+    theta = torch.randn(num_projections, dim, generator=generator, dtype=torch.float64)
+    return theta / theta.norm(dim=1, keepdim=True)
+
+
 def sliced_wasserstein2(x: torch.Tensor, y: torch.Tensor, num_projections: int = 512,
                         generator: torch.Generator | None = None) -> float:
     """Monte-Carlo sliced W2 between samples ``x`` ``(N, D)`` and ``y`` ``(M, D)`` (float64 maths)."""
     x, y = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"dimension mismatch: {x.shape[1]} vs {y.shape[1]}")
-    theta = torch.randn(num_projections, x.shape[1], generator=generator, dtype=torch.float64)
-    theta = theta / theta.norm(dim=1, keepdim=True)
+    theta = _unit_directions(num_projections, x.shape[1], generator)
     # (projections, points): sorting along the contiguous last dim is several times faster
     px, py = (theta @ x.T).sort(dim=1).values, (theta @ y.T).sort(dim=1).values
     if px.shape[1] != py.shape[1]:
@@ -40,8 +45,7 @@ def sliced_wasserstein2_to_mixture(x: torch.Tensor, mixture, num_projections: in
     x = x.reshape(x.shape[0], -1).double()
     if x.shape[1] != mixture.dim:
         raise ValueError(f"dimension mismatch: {x.shape[1]} vs the mixture's {mixture.dim}")
-    theta = torch.randn(num_projections, x.shape[1], generator=generator, dtype=torch.float64)
-    theta = theta / theta.norm(dim=1, keepdim=True)
+    theta = _unit_directions(num_projections, x.shape[1], generator)
     px = (theta @ x.T).sort(dim=1).values
     mu = theta @ mixture.means.T                                                     # (P, K)
     sd = torch.einsum("pd,kde,pe->pk", theta, mixture.covs, theta).sqrt()            # (P, K)
